@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""The project's two commands: ``python3 dev.py run`` and ``python3 dev.py test``.
+
+Each does its own set-up: it creates ``.venv`` beside this file with the standard library's
+``venv`` and installs the project with its ``dev`` extra, then runs. The install is redone
+only when ``pyproject.toml`` changes (a hash stamp in the venv), so the second call is fast.
+Only Python >= 3.11 and network access to the package index are needed.
+
+    python3 dev.py run [ARGS...]   # the main job: ``qqproto run`` (see README.md)
+    python3 dev.py test            # ruff check, ruff format --check, mypy --strict, pytest
+    python3 dev.py diagram         # regenerate state_diagram.md from the running machine
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / "python"
+STAMP = VENV / ".qqproto-install-stamp"
+
+TEST_STEPS: list[tuple[str, list[str]]] = [
+    ("ruff check", ["-m", "ruff", "check", "."]),
+    ("ruff format --check", ["-m", "ruff", "format", "--check", "."]),
+    ("mypy --strict", ["-m", "mypy", "--strict", "qqproto", "qqproto_io"]),
+    ("pytest", ["-m", "pytest", "-q"]),
+]
+
+
+def _want_stamp() -> str:
+    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+
+
+def ensure_env() -> None:
+    """Create the venv and install the project unless the stamp says it is current."""
+    if sys.version_info < (3, 11):  # noqa: UP036 - dev.py may be started by any python3
+        sys.exit(f"qqproto needs Python >= 3.11; this is {sys.version.split()[0]}")
+    if not PY.exists():
+        print(f"dev.py: creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+    if STAMP.exists() and STAMP.read_text() == _want_stamp():
+        return
+    print("dev.py: installing qqproto[dev] into .venv", flush=True)
+    pip = [str(PY), "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "install", "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, "install", "-e", f"{ROOT}[dev]"], check=True, cwd=ROOT)
+    STAMP.write_text(_want_stamp())
+
+
+def run_tests() -> int:
+    """Run every step, even after a failure, and fail if any step failed."""
+    failed: list[str] = []
+    for name, args in TEST_STEPS:
+        print(f"\n=== {name}", flush=True)
+        if subprocess.run([str(PY), *args], cwd=ROOT, check=False).returncode != 0:
+            failed.append(name)
+    print()
+    if failed:
+        print(f"dev.py test: FAILED: {', '.join(failed)}")
+        return 1
+    print("dev.py test: all steps passed")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in {"run", "test", "diagram"}:
+        print(__doc__)
+        return 2
+    ensure_env()
+    command, rest = argv[0], argv[1:]
+    if command == "test":
+        return run_tests()
+    if command == "diagram":
+        args = [str(PY), "-m", "qqproto._diagram", "--write"]
+        return subprocess.run(args, cwd=ROOT, check=False).returncode
+    return subprocess.run([str(BIN / "qqproto"), "run", *rest], cwd=ROOT, check=False).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,141 @@
+"""qqproto: a sans-IO QQ Bot gateway session core.
+
+One :class:`GatewayConnection` per shard consumes payloads, transport events and clock
+ticks, and produces commands (for whatever does the IO) and events (for the application).
+It never touches a socket, a clock, a thread, an event loop or the global random generator.
+See the README for a worked example and ``state_diagram.md`` for the lifecycle.
+"""
+
+from __future__ import annotations
+
+from qqproto._close_codes import CLOSE_CODE_POLICY, ClosePolicy, NextStep, policy_for_close
+from qqproto._codec import (
+    DEFAULT_MAX_PAYLOAD_SIZE,
+    JSONValue,
+    Opcode,
+    Payload,
+    decode_payload,
+    encode_heartbeat,
+    encode_identify,
+    encode_resume,
+)
+from qqproto._config import Intents, SessionConfig
+from qqproto._connection import GatewayConnection
+from qqproto._errors import (
+    InvalidEnvelope,
+    InvalidResponse,
+    InvalidUTF8,
+    LocalProtocolError,
+    MalformedJSON,
+    PayloadTooLarge,
+    ProtocolError,
+    QQProtoError,
+    RemoteProtocolError,
+    UnexpectedPayload,
+    UnknownOpcode,
+)
+from qqproto._heartbeat import Latency
+from qqproto._outputs import (
+    AbortTransport,
+    CloseConnection,
+    Command,
+    Disconnected,
+    DisconnectStorm,
+    Dispatch,
+    DuplicateDropped,
+    Event,
+    FatalStop,
+    FetchGateway,
+    FetchToken,
+    HeartbeatAcknowledged,
+    HelloReceived,
+    OpenConnection,
+    Output,
+    PersistSnapshot,
+    ProtocolViolation,
+    Ready,
+    ReconnectScheduled,
+    RequestIdentifyPermit,
+    Resumed,
+    SendPayload,
+    SessionInvalidated,
+    StateChanged,
+    ZombieDetected,
+)
+from qqproto._rest import (
+    GatewayInfo,
+    SessionStartLimit,
+    TokenGrant,
+    parse_expires_in,
+    parse_gateway_response,
+    parse_token_response,
+)
+from qqproto._snapshot import InvalidSnapshot, SessionSnapshot
+from qqproto._states import SessionState
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "CLOSE_CODE_POLICY",
+    "DEFAULT_MAX_PAYLOAD_SIZE",
+    "AbortTransport",
+    "CloseConnection",
+    "ClosePolicy",
+    "Command",
+    "DisconnectStorm",
+    "Disconnected",
+    "Dispatch",
+    "DuplicateDropped",
+    "Event",
+    "FatalStop",
+    "FetchGateway",
+    "FetchToken",
+    "GatewayConnection",
+    "GatewayInfo",
+    "HeartbeatAcknowledged",
+    "HelloReceived",
+    "Intents",
+    "InvalidEnvelope",
+    "InvalidResponse",
+    "InvalidSnapshot",
+    "InvalidUTF8",
+    "JSONValue",
+    "Latency",
+    "LocalProtocolError",
+    "MalformedJSON",
+    "NextStep",
+    "Opcode",
+    "OpenConnection",
+    "Output",
+    "Payload",
+    "PayloadTooLarge",
+    "PersistSnapshot",
+    "ProtocolError",
+    "ProtocolViolation",
+    "QQProtoError",
+    "Ready",
+    "ReconnectScheduled",
+    "RemoteProtocolError",
+    "RequestIdentifyPermit",
+    "Resumed",
+    "SendPayload",
+    "SessionConfig",
+    "SessionInvalidated",
+    "SessionSnapshot",
+    "SessionStartLimit",
+    "SessionState",
+    "StateChanged",
+    "TokenGrant",
+    "UnexpectedPayload",
+    "UnknownOpcode",
+    "ZombieDetected",
+    "__version__",
+    "decode_payload",
+    "encode_heartbeat",
+    "encode_identify",
+    "encode_resume",
+    "parse_expires_in",
+    "parse_gateway_response",
+    "parse_token_response",
+    "policy_for_close",
+]

@@ -1,0 +1,983 @@
+# The gateway session: one object per shard, fed inputs, producing outputs.
+#
+# Theory of operation (aioquic / h11 style). The caller owns the socket, the clock and the
+# timers. It calls a verb for every input (`receive` for a payload, `connection_closed` for a
+# close, `handle_timer` when `get_timer()` falls due, ...), always passing `now`, the time on
+# its monotonic clock. Each verb may queue outputs, which the caller pulls with `drain()`:
+# commands to execute (open, send, close, abort, fetch a token, ...) and events to report.
+# Nothing here blocks, sleeps, reads a clock or draws from the global random generator.
+#
+# Lifecycle changes go through the pytransitions Machine declared in `_states.py` (one per
+# connection). The connection decides which trigger an input means, records *why* (the
+# `_Exit` of a connection: its close policy, code and reason), fires the trigger, and then
+# runs the entry action of the state it landed in. All consequences of a disconnect - the
+# failure counters, the resume budget, dropping the session, the delay - are settled in one
+# place, `_settle`, when the connection is really gone (BACKOFF or STOPPED).
+#
+# The hot path - a dispatch or an ACK in READY - is plain code, not a trigger.
+#
+# Errors: misuse raises LocalProtocolError and changes nothing. Anything the server does
+# wrong becomes a ProtocolViolation event and the payload is skipped. Any other exception is
+# a bug: the connection moves to ERROR and every later call raises LocalProtocolError.
+"""The sans-IO gateway connection."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Concatenate, Literal, ParamSpec, TypeVar
+
+from transitions import MachineError
+
+from qqproto._backoff import full_jitter_delay
+from qqproto._close_codes import (
+    APPLICATION_CLOSE,
+    DEADLINE,
+    INVALID_SESSION,
+    INVALID_SESSION_RESUMABLE,
+    RECONNECT_REQUEST,
+    REQUEST_FAILED,
+    SERVER_RESET,
+    START_LIMIT_EXHAUSTED,
+    ZOMBIE,
+    ClosePolicy,
+    NextStep,
+    policy_for_close,
+)
+from qqproto._codec import (
+    Opcode,
+    Payload,
+    decode_payload,
+    encode_heartbeat,
+    encode_identify,
+    encode_resume,
+)
+from qqproto._config import SessionConfig
+from qqproto._dedup import SeenIds
+from qqproto._errors import (
+    InvalidEnvelope,
+    LocalProtocolError,
+    QQProtoError,
+    RemoteProtocolError,
+    UnexpectedPayload,
+)
+from qqproto._heartbeat import Keepalive, Latency
+from qqproto._outputs import (
+    AbortTransport,
+    CloseConnection,
+    Disconnected,
+    DisconnectStorm,
+    Dispatch,
+    DuplicateDropped,
+    FatalStop,
+    FetchGateway,
+    FetchToken,
+    HeartbeatAcknowledged,
+    HelloReceived,
+    OpenConnection,
+    Output,
+    PersistSnapshot,
+    ProtocolViolation,
+    Ready,
+    ReconnectScheduled,
+    RequestIdentifyPermit,
+    Resumed,
+    SendPayload,
+    SessionInvalidated,
+    StateChanged,
+    ZombieDetected,
+)
+from qqproto._rest import SessionStartLimit, parse_expires_in
+from qqproto._snapshot import SessionSnapshot
+from qqproto._states import SessionState, Trigger, build_machine
+
+if TYPE_CHECKING:
+    import random
+    from collections.abc import Callable
+
+__all__ = ["GatewayConnection"]
+
+_S = SessionState
+_RECEIVING = frozenset(
+    {_S.AWAITING_HELLO, _S.IDENTIFYING, _S.RESUMING, _S.READY, _S.ZOMBIE, _S.CLOSING}
+)
+_LINKED = frozenset({_S.AWAITING_HELLO, _S.IDENTIFYING, _S.RESUMING, _S.READY})
+_WINDING_DOWN = frozenset({_S.ZOMBIE, _S.CLOSING})
+_DELIVERING = frozenset({_S.RESUMING, _S.READY, _S.ZOMBIE, _S.CLOSING})
+_TIMER_LOOP_BOUND = 16
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+@dataclass(slots=True)
+class _Session:
+    id: str
+    seq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Exit:
+    """Why the current connection (or attempt) ends, decided when it starts ending."""
+
+    policy: ClosePolicy
+    code: int | None
+    reason: str
+    by_server: bool
+    delay: float | None = None  # overrides the backoff (identify budget exhausted)
+
+
+class _Model:
+    """The object pytransitions drives; it only answers the guards of `_states.GUARDS`."""
+
+    state: SessionState
+
+    def __init__(self, conn: GatewayConnection) -> None:
+        self._conn = conn
+
+    def can_resume(self) -> bool:
+        return self._conn._session is not None
+
+    def stopping(self) -> bool:
+        ex = self._conn._exit
+        return ex is not None and ex.policy.step is NextStep.STOP
+
+
+def _api(
+    method: Callable[Concatenate[GatewayConnection, _P], _R],
+) -> Callable[Concatenate[GatewayConnection, _P], _R]:
+    """Fail fast after an internal error; turn an escaping bug into the ERROR state."""
+
+    @functools.wraps(method)
+    def wrapper(self: GatewayConnection, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if self._broken is not None:
+            raise LocalProtocolError(
+                "the connection is unusable after an internal error"
+            ) from self._broken
+        try:
+            return method(self, *args, **kwargs)
+        except QQProtoError:
+            raise
+        except Exception as exc:
+            self._break(exc)
+            raise
+
+    return wrapper
+
+
+class GatewayConnection:
+    """One QQ gateway session (one shard), sans-IO.
+
+    Args:
+        config: the settings; defaults to ``SessionConfig()``.
+        rng: the random source for heartbeat and backoff jitter. Seed it for reproducible
+            runs; the core never uses the global ``random`` module.
+        snapshot: a saved session to Resume first (see :class:`SessionSnapshot`).
+
+    Raises:
+        LocalProtocolError: ``snapshot`` belongs to another shard.
+
+    Typical use: ``start(now)``, then execute every command from ``drain()`` and feed each
+    result back through the matching verb, and call ``handle_timer(now)`` whenever
+    ``get_timer()`` falls due.
+    """
+
+    def __init__(
+        self,
+        config: SessionConfig | None = None,
+        *,
+        rng: random.Random,
+        snapshot: SessionSnapshot | None = None,
+    ) -> None:
+        cfg = config if config is not None else SessionConfig()
+        self._config = cfg
+        self._rng = rng
+        self._outputs: list[Output] = []
+        self._now = float("-inf")
+        self._broken: BaseException | None = None
+        self._end_session = False
+        self._deadline: float | None = None
+        self._ka: Keepalive | None = None
+        self._session: _Session | None = None
+        self._persisted: tuple[str, int | None] | None = None
+        if snapshot is not None:
+            if tuple(snapshot.shard) != cfg.shard:
+                raise LocalProtocolError(
+                    f"snapshot is for shard {snapshot.shard}, this connection is {cfg.shard}"
+                )
+            self._session = _Session(snapshot.session_id, snapshot.seq)
+            self._persisted = (snapshot.session_id, snapshot.seq)
+        # Token and gateway, kept across attempts.
+        self._token: str | None = None
+        self._token_expires_at = float("-inf")
+        self._token_fresh = False  # provided during the current PREPARING: use it whatever its life
+        self._force_token = False
+        self._gateway_url: str | None = None
+        self._start_limit: SessionStartLimit | None = None
+        self._awaiting: Literal["token", "gateway", "permit"] | None = None
+        self._permit = False
+        # The current connection.
+        self._exit: _Exit | None = None
+        self._had_transport = False
+        self._opened_at: float | None = None
+        self._up_since: float | None = None
+        self._sent_resume = False
+        self._replayed = 0
+        # Across connections.
+        self._failures = 0
+        self._failed_resumes = 0
+        self._quick_disconnects = 0
+        self._seen_events = SeenIds(max_items=cfg.dedup_max_ids, max_age=cfg.dedup_max_age)
+        self._seen_messages = SeenIds(max_items=cfg.dedup_max_ids, max_age=cfg.dedup_max_age)
+        self._dedup_types = cfg.dedup_event_types
+
+        self._model = _Model(self)
+        self._machine = build_machine(self._model)
+        self._entry: dict[SessionState, Callable[[float], None]] = {
+            _S.PREPARING: self._enter_preparing,
+            _S.CONNECTING: self._enter_connecting,
+            _S.AWAITING_HELLO: self._enter_awaiting_hello,
+            _S.IDENTIFYING: self._enter_identifying,
+            _S.RESUMING: self._enter_resuming,
+            _S.READY: self._enter_ready,
+            _S.ZOMBIE: self._enter_closing,
+            _S.CLOSING: self._enter_closing,
+            _S.BACKOFF: self._enter_backoff,
+            _S.STOPPED: self._enter_stopped,
+        }
+
+    # ------------------------------------------------------------------ read-only state
+
+    @property
+    def config(self) -> SessionConfig:
+        """The settings this connection runs with."""
+        return self._config
+
+    @property
+    def state(self) -> SessionState:
+        """The lifecycle state."""
+        return self._model.state
+
+    @property
+    def session_id(self) -> str | None:
+        """The session id held (from READY or a snapshot), or ``None``."""
+        return self._session.id if self._session is not None else None
+
+    @property
+    def seq(self) -> int | None:
+        """The last sequence number delivered in the current session, or ``None``."""
+        return self._session.seq if self._session is not None else None
+
+    @property
+    def latency(self) -> Latency:
+        """Heartbeat latency of the current connection (empty between connections)."""
+        if self._ka is None:
+            return Latency((), None)
+        return self._ka.latency()
+
+    @property
+    def heartbeat_interval(self) -> float | None:
+        """The heartbeat interval of the current connection, or ``None`` before Hello."""
+        return self._ka.interval if self._ka is not None else None
+
+    @property
+    def last_ack_at(self) -> float | None:
+        """When the current connection's last heartbeat ACK arrived, or ``None``."""
+        return self._ka.last_ack_at if self._ka is not None else None
+
+    @property
+    def consecutive_failures(self) -> int:
+        """Failed attempts since the session last stayed up; drives the backoff window."""
+        return self._failures
+
+    def snapshot(self) -> SessionSnapshot | None:
+        """The session as a snapshot stamped with the last ``now`` seen, or ``None``."""
+        s = self._session
+        if s is None:
+            return None
+        return SessionSnapshot(
+            session_id=s.id, seq=s.seq, shard=self._config.shard, saved_at=self._now
+        )
+
+    # --------------------------------------------------------------------------- outputs
+
+    def drain(self) -> list[Output]:
+        """Return and forget every output queued so far, oldest first."""
+        out = self._outputs
+        self._outputs = []
+        return out
+
+    def get_timer(self) -> float | None:
+        """The earliest time at which :meth:`handle_timer` must be called, or ``None``.
+
+        An absolute time on the caller's clock. Call ``handle_timer(max(deadline, now))``
+        when it falls due, after feeding every payload already received (invariant 3).
+        """
+        ka = self._ka
+        deadline = self._deadline
+        if ka is None:
+            return deadline
+        if deadline is None or ka.next_beat_at < deadline:
+            return ka.next_beat_at
+        return deadline
+
+    # ----------------------------------------------------------------------------- verbs
+
+    @_api
+    def start(self, now: float) -> None:
+        """Begin the first connection attempt.
+
+        Raises:
+            LocalProtocolError: not in IDLE.
+        """
+        self._clock(now)
+        self._fire_or_raise("start", "started by the application")
+
+    @_api
+    def provide_token(self, token: str, expires_in: float | str, now: float) -> None:
+        """Hand over an access token after a :class:`FetchToken` (or any time: it is cached).
+
+        Args:
+            token: the access token, without the ``QQBot`` prefix.
+            expires_in: its remaining life in seconds, as the API sent it (int or numeric
+                string). A malformed value is reported as a ProtocolViolation and the token
+                is used once.
+
+        Raises:
+            LocalProtocolError: ``token`` is empty or not a string.
+        """
+        now = self._clock(now)
+        if not token:
+            raise LocalProtocolError("token must be a non-empty string")
+        try:
+            ttl = parse_expires_in(expires_in)
+        except RemoteProtocolError as err:
+            self._violation(err)
+            ttl = 0.0
+        self._token = token
+        self._token_expires_at = now + ttl
+        self._force_token = False
+        if self._awaiting == "token" and self._model.state is _S.PREPARING:
+            self._token_fresh = True
+            self._awaiting = None
+            self._advance_preparing(now)
+
+    @_api
+    def provide_gateway(
+        self, url: str, now: float, *, session_start_limit: SessionStartLimit | None = None
+    ) -> None:
+        """Hand over the gateway URL (and, from ``/gateway/bot``, the session start limit).
+
+        Raises:
+            LocalProtocolError: ``url`` is not a ``ws://`` or ``wss://`` URL.
+        """
+        now = self._clock(now)
+        if not url.startswith(("ws://", "wss://")):
+            raise LocalProtocolError("gateway url must start with ws:// or wss://")
+        self._gateway_url = url
+        if session_start_limit is not None:
+            self._start_limit = session_start_limit
+        if self._awaiting == "gateway" and self._model.state is _S.PREPARING:
+            self._awaiting = None
+            self._advance_preparing(now)
+
+    @_api
+    def grant_identify(self, now: float) -> None:
+        """The identify limiter granted the permit asked for by :class:`RequestIdentifyPermit`.
+
+        A permit that arrives when none is awaited (the attempt was abandoned) is ignored.
+        """
+        now = self._clock(now)
+        if self._awaiting == "permit" and self._model.state is _S.PREPARING:
+            self._permit = True
+            self._awaiting = None
+            self._advance_preparing(now)
+
+    @_api
+    def request_failed(self, reason: str, now: float) -> None:
+        """The token or gateway request the core asked for failed (HTTP error, timeout...).
+
+        ``reason`` goes into events and logs: it must not hold a secret. A failure that
+        arrives when no request is awaited is ignored.
+        """
+        now = self._clock(now)
+        what = self._awaiting
+        if self._model.state is _S.PREPARING and what in ("token", "gateway"):
+            self._exit = _Exit(
+                REQUEST_FAILED, None, f"{what} request failed: {reason}", by_server=True
+            )
+            self._fire("prepare_failed", self._exit.reason)
+
+    @_api
+    def connection_opened(self, now: float) -> None:
+        """The WebSocket asked for by :class:`OpenConnection` is open.
+
+        Raises:
+            LocalProtocolError: no connection is being opened.
+        """
+        self._clock(now)
+        self._fire_or_raise("transport_opened", "transport open")
+
+    @_api
+    def connection_closed(self, code: int | None, reason: str, now: float) -> None:
+        """The transport closed or failed: a close frame (``code``), EOF or an error (``None``).
+
+        Also the way to report that :class:`OpenConnection` failed. After an
+        :class:`AbortTransport` the driver need not report anything; a late report is ignored.
+
+        Raises:
+            LocalProtocolError: in IDLE (nothing was ever opened).
+        """
+        self._clock(now)
+        state = self._model.state
+        if state in _LINKED or state is _S.CONNECTING:
+            policy = policy_for_close(code)
+            self._exit = _Exit(policy, code, reason or policy.meaning, by_server=True)
+        self._fire_or_raise("transport_closed", f"transport closed ({code})")
+
+    @_api
+    def receive(self, payload: str | bytes, now: float) -> None:
+        """Feed one complete WebSocket text message.
+
+        Bad input never raises: it becomes a :class:`ProtocolViolation` event and is skipped
+        with state and sequence intact.
+
+        Raises:
+            LocalProtocolError: no transport is open (nothing can have been received).
+        """
+        now = self._clock(now)
+        state = self._model.state
+        if state not in _RECEIVING:
+            raise LocalProtocolError(f"receive() in state {state.name}: no transport is open")
+        try:
+            p = decode_payload(payload, max_size=self._config.max_payload_size)
+        except RemoteProtocolError as err:
+            self._violation(err)
+            return
+        op = p.op
+        if op is Opcode.DISPATCH:
+            self._on_dispatch(p, state, now)
+        elif op is Opcode.HEARTBEAT_ACK:
+            self._on_ack(now)
+        elif state in _WINDING_DOWN:
+            return  # this connection is ending; only data (and a late ACK) still matter
+        elif op is Opcode.HELLO:
+            self._on_hello(p, state, now)
+        elif op is Opcode.HEARTBEAT:
+            self._on_server_heartbeat()
+        elif op is Opcode.RECONNECT:
+            self._leave("recv_reconnect", RECONNECT_REQUEST, RECONNECT_REQUEST.meaning)
+        elif op is Opcode.INVALID_SESSION:
+            self._on_invalid_session(p, state)
+        else:
+            self._violation(UnexpectedPayload(f"servers do not send opcode {op.name}"))
+
+    @_api
+    def handle_timer(self, now: float) -> None:
+        """Run whatever fell due by ``now``: a beat, the ACK watchdog, a phase deadline.
+
+        Calling it early does nothing; calling it late catches up once (beats are not sent
+        twice to make up for a stall).
+        """
+        now = self._clock(now)
+        for _ in range(_TIMER_LOOP_BOUND):
+            ka = self._ka
+            if ka is not None and now >= ka.next_beat_at:
+                if ka.ack_pending:
+                    self._on_zombie(ka, now)
+                else:
+                    self._send_beat()
+                    ka.beat_sent(now)
+                continue
+            deadline = self._deadline
+            if deadline is not None and now >= deadline:
+                self._on_deadline()
+                continue
+            return
+        raise RuntimeError("handle_timer did not settle: a deadline is not moving forward")
+
+    @_api
+    def close(self, now: float, *, end_session: bool = False) -> None:
+        """Close for good; the connection ends in STOPPED. Idempotent once STOPPED.
+
+        Args:
+            now: the caller's clock.
+            end_session: also end the gateway session (close code 1000, snapshot deleted).
+                By default the session is kept (close code 4000) and a snapshot is emitted,
+                so that a restarted process can Resume.
+        """
+        self._clock(now)
+        state = self._model.state
+        if state is _S.STOPPED:
+            return
+        self._end_session = end_session
+        reason = APPLICATION_CLOSE.meaning
+        if state in _WINDING_DOWN and self._exit is not None:
+            # A close is already in flight: let it finish, then stop instead of reconnecting.
+            self._exit = replace(self._exit, policy=APPLICATION_CLOSE)
+        else:
+            code = None
+            if state in _LINKED:
+                code = 1000 if end_session else self._config.keep_session_close_code
+            self._exit = _Exit(APPLICATION_CLOSE, code, reason, by_server=False)
+            if state is _S.CONNECTING:
+                self._emit(AbortTransport(reason=reason))
+        self._fire_or_raise("user_close", reason)
+
+    # --------------------------------------------------------------- payload handlers
+
+    def _on_dispatch(self, p: Payload, state: SessionState, now: float) -> None:
+        t = p.t
+        if t is None:
+            self._violation(InvalidEnvelope("dispatch without 't'", field="t"))
+            return
+        if t == "READY":
+            self._on_ready(p, state, now)
+            return
+        if t == "RESUMED":
+            self._on_resumed(p, state, now)
+            return
+        session = self._session
+        if session is None or state not in _DELIVERING:
+            self._violation(UnexpectedPayload(f"dispatch {t} before READY or RESUMED"))
+            return
+        s = p.s
+        if s is not None:
+            last = session.seq
+            if last is not None and s <= last:
+                self._outputs.append(DuplicateDropped(type=t, seq=s, key="seq"))
+                return
+            session.seq = s
+        event_id = p.id
+        if event_id is not None and self._seen_events.check_and_add(event_id, now):
+            self._outputs.append(DuplicateDropped(type=t, seq=s, key="event_id"))
+            return
+        d = p.d
+        if t in self._dedup_types and type(d) is dict:
+            message_id = d.get("id")
+            if type(message_id) is str and self._seen_messages.check_and_add(message_id, now):
+                self._outputs.append(DuplicateDropped(type=t, seq=s, key="message_id"))
+                return
+        if state is _S.RESUMING:
+            self._replayed += 1
+        self._outputs.append(Dispatch(type=t, seq=s, event_id=event_id, data=d))
+
+    def _on_ready(self, p: Payload, state: SessionState, now: float) -> None:
+        if state is not _S.IDENTIFYING:
+            self._violation(UnexpectedPayload("READY outside of an Identify"))
+            return
+        d = p.d
+        session_id = d.get("session_id") if isinstance(d, dict) else None
+        if not isinstance(session_id, str) or not session_id:
+            # Without a session id nothing can be resumed; the auth deadline recovers.
+            self._violation(InvalidEnvelope("READY without a 'session_id'", field="d"))
+            return
+        self._session = _Session(session_id, p.s)
+        self._emit(Ready(session_id=session_id, seq=p.s, data=d))
+        self._persist(now)
+        self._fire("recv_ready", "READY")
+
+    def _on_resumed(self, p: Payload, state: SessionState, now: float) -> None:
+        session = self._session
+        if state is not _S.RESUMING or session is None:
+            self._violation(UnexpectedPayload("RESUMED outside of a Resume"))
+            return
+        # RESUMED carries the next sequence number (PROTOCOL.md §2); beats carry it from now on.
+        if p.s is not None and (session.seq is None or p.s > session.seq):
+            session.seq = p.s
+        self._emit(Resumed(replayed=self._replayed, seq=session.seq))
+        self._persist(now)
+        self._fire("recv_resumed", "RESUMED")
+
+    def _on_ack(self, now: float) -> None:
+        ka = self._ka
+        if ka is None:
+            return
+        latency = ka.ack_received(now)
+        if latency is None:
+            return  # an ACK nobody asked for (answer to a server op 1, or a late duplicate)
+        samples = ka.samples
+        self._emit(HeartbeatAcknowledged(latency=latency, mean_latency=sum(samples) / len(samples)))
+        self._persist(now)
+
+    def _on_hello(self, p: Payload, state: SessionState, now: float) -> None:
+        d = p.d
+        raw = d.get("heartbeat_interval") if isinstance(d, dict) else None
+        if not isinstance(raw, int | float) or isinstance(raw, bool) or not raw > 0:
+            self._violation(
+                InvalidEnvelope("Hello without a positive 'heartbeat_interval'", field="d")
+            )
+            return
+        if state is not _S.AWAITING_HELLO:
+            self._leave("recv_hello", SERVER_RESET, SERVER_RESET.meaning)
+            return
+        interval = max(raw / 1000.0, self._config.min_heartbeat_interval)
+        self._ka = Keepalive(interval, now, self._rng, self._config.latency_samples)
+        self._emit(HelloReceived(heartbeat_interval=interval))
+        self._fire("recv_hello", "Hello")
+
+    def _on_server_heartbeat(self) -> None:
+        # Discord's rule, the safe reading of "Send/Receive" in the opcode table: answer at
+        # once, without touching the regular schedule or the watchdog.
+        if self._ka is None:
+            self._violation(UnexpectedPayload("heartbeat request before Hello"))
+            return
+        self._send_beat()
+
+    def _on_invalid_session(self, p: Payload, state: SessionState) -> None:
+        if state is _S.AWAITING_HELLO:
+            self._violation(UnexpectedPayload("invalid session (op 9) before Hello"))
+            return
+        # `d: true` (Discord: "resumable") has never been seen from QQ; honour it once, then
+        # stop trusting it so that op 9 cannot drive a resume loop (FAILURE_MODES S11).
+        resumable = p.d is True and self._failed_resumes == 0 and self._session is not None
+        policy = INVALID_SESSION_RESUMABLE if resumable else INVALID_SESSION
+        self._leave("recv_invalid_session", policy, policy.meaning)
+
+    def _on_zombie(self, ka: Keepalive, now: float) -> None:
+        since = ka.since_last_ack(now)
+        self._emit(ZombieDetected(since_last_ack=since, interval=ka.interval))
+        self._exit = _Exit(
+            ZOMBIE,
+            self._config.keep_session_close_code,
+            f"no heartbeat ACK for {since:.1f} s",
+            by_server=False,
+        )
+        self._fire("ack_missed", self._exit.reason)
+
+    def _on_deadline(self) -> None:
+        state = self._model.state
+        cfg = self._config
+        if state is _S.BACKOFF:
+            self._fire("timer_expired", "backoff elapsed")
+            return
+        if state in _WINDING_DOWN:
+            reason = f"close handshake did not complete within {cfg.close_timeout:g} s"
+            self._emit(AbortTransport(reason=reason))
+            self._fire("timer_expired", reason)
+            return
+        if state is _S.PREPARING:
+            reason = f"{self._awaiting} request took longer than {cfg.http_timeout:g} s"
+            self._exit = _Exit(DEADLINE, None, reason, by_server=True)
+        elif state is _S.CONNECTING:
+            reason = f"connection not open within {cfg.connect_timeout:g} s"
+            self._exit = _Exit(DEADLINE, None, reason, by_server=True)
+            self._emit(AbortTransport(reason=reason))
+        else:
+            waited = {
+                _S.AWAITING_HELLO: ("Hello", cfg.hello_timeout),
+                _S.IDENTIFYING: ("READY", cfg.auth_timeout),
+                _S.RESUMING: ("RESUMED", cfg.auth_timeout),
+            }.get(state)
+            if waited is None:
+                raise RuntimeError(f"deadline set in state {state.name}, which has none")
+            reason = f"no {waited[0]} within {waited[1]:g} s"
+            self._exit = _Exit(DEADLINE, cfg.keep_session_close_code, reason, by_server=True)
+        self._fire("timer_expired", reason)
+
+    # ------------------------------------------------------------------ entry actions
+
+    def _enter_preparing(self, now: float) -> None:
+        self._token_fresh = False
+        self._permit = False
+        self._awaiting = None
+        self._exit = None
+        self._advance_preparing(now)
+
+    def _advance_preparing(self, now: float) -> None:
+        cfg = self._config
+        need_token = (
+            self._token is None
+            or self._force_token
+            or (not self._token_fresh and self._token_expires_at - now < cfg.token_refresh_margin)
+        )
+        if need_token:
+            self._await("token", now, FetchToken(force=self._force_token))
+            return
+        if self._gateway_url is None:
+            self._await("gateway", now, FetchGateway())
+            return
+        if self._session is None and not self._permit:
+            limit = self._start_limit
+            if limit is not None and limit.remaining <= 0:
+                # Refuse to Identify: it would fail and might count against the budget.
+                # Wait for the reset, then fetch the limit again.
+                self._gateway_url = None
+                self._start_limit = None
+                delay = limit.reset_after if limit.reset_after > 0 else None
+                self._exit = _Exit(
+                    START_LIMIT_EXHAUSTED,
+                    None,
+                    START_LIMIT_EXHAUSTED.meaning,
+                    by_server=True,
+                    delay=delay,
+                )
+                self._fire("prepare_failed", self._exit.reason)
+                return
+            concurrency = limit.max_concurrency if limit is not None else None
+            self._await(
+                "permit",
+                None,
+                RequestIdentifyPermit(shard_id=cfg.shard[0], max_concurrency=concurrency),
+            )
+            return
+        self._deadline = None
+        self._fire("prepared", "token, gateway URL and permit ready")
+
+    def _await(
+        self,
+        what: Literal["token", "gateway", "permit"],
+        now: float | None,
+        command: FetchToken | FetchGateway | RequestIdentifyPermit,
+    ) -> None:
+        # The permit wait has no core deadline: a fleet may queue for minutes, and the
+        # socket is not open yet. The limiter is responsible for progress.
+        self._awaiting = what
+        self._deadline = None if now is None else now + self._config.http_timeout
+        self._emit(command)
+
+    def _enter_connecting(self, now: float) -> None:
+        url = self._gateway_url
+        if url is None:
+            raise RuntimeError("CONNECTING without a gateway URL")
+        self._had_transport = True
+        self._deadline = now + self._config.connect_timeout
+        self._emit(OpenConnection(url=url))
+
+    def _enter_awaiting_hello(self, now: float) -> None:
+        self._opened_at = now
+        self._deadline = now + self._config.hello_timeout
+
+    def _enter_identifying(self, now: float) -> None:
+        cfg = self._config
+        self._session = None
+        self._permit = False
+        self._sent_resume = False
+        limit = self._start_limit
+        if limit is not None:
+            self._start_limit = replace(limit, remaining=limit.remaining - 1)
+        text = encode_identify(
+            self._require_token(),
+            intents=int(cfg.intents),
+            shard=cfg.shard,
+            properties=cfg.properties,
+        )
+        self._emit(SendPayload(op=Opcode.IDENTIFY, text=text))
+        self._deadline = now + cfg.auth_timeout
+
+    def _enter_resuming(self, now: float) -> None:
+        session = self._session
+        if session is None:
+            raise RuntimeError("RESUMING without a session")
+        self._sent_resume = True
+        self._replayed = 0
+        text = encode_resume(self._require_token(), session_id=session.id, seq=session.seq)
+        self._emit(SendPayload(op=Opcode.RESUME, text=text))
+        self._deadline = now + self._config.auth_timeout
+
+    def _enter_ready(self, now: float) -> None:
+        self._deadline = None
+        self._up_since = now
+
+    def _enter_closing(self, now: float) -> None:
+        # ZOMBIE and CLOSING: the keepalive dies with the connection; no beat can follow.
+        ex = self._exit
+        if ex is None:
+            raise RuntimeError("closing without a recorded reason")
+        self._ka = None
+        code = ex.code if ex.code is not None else self._config.keep_session_close_code
+        self._emit(CloseConnection(code=code, reason=ex.policy.meaning))
+        self._deadline = now + self._config.close_timeout
+
+    def _enter_backoff(self, now: float) -> None:
+        ex = self._exit
+        if ex is None:
+            raise RuntimeError("BACKOFF without a recorded reason")
+        step, delay, attempt = self._settle(ex, now)
+        at = now + delay
+        self._deadline = at
+        if self._had_transport:
+            self._had_transport = False
+            self._emit(
+                Disconnected(
+                    code=ex.code,
+                    reason=ex.reason,
+                    by_server=ex.by_server,
+                    next_step=step,
+                    reconnect_at=at,
+                )
+            )
+        self._emit(ReconnectScheduled(delay=delay, at=at, attempt=attempt, reason=ex.reason))
+
+    def _enter_stopped(self, now: float) -> None:
+        ex = self._exit
+        if ex is None:
+            raise RuntimeError("STOPPED without a recorded reason")
+        self._settle(ex, now)
+        self._deadline = None
+        if self._had_transport:
+            self._had_transport = False
+            self._emit(
+                Disconnected(
+                    code=ex.code,
+                    reason=ex.reason,
+                    by_server=ex.by_server,
+                    next_step=NextStep.STOP,
+                    reconnect_at=None,
+                )
+            )
+        if ex.policy is APPLICATION_CLOSE and not self._end_session:
+            self._persist(now)  # keep the session for a restart to Resume
+            return
+        if self._session is not None:
+            self._session = None
+            self._persist(now)
+        if ex.policy is not APPLICATION_CLOSE:
+            self._emit(FatalStop(code=ex.code, reason=ex.policy.meaning, hint=ex.policy.hint))
+
+    # ------------------------------------------------------------------------ policy
+
+    def _settle(self, ex: _Exit, now: float) -> tuple[NextStep, float, int]:
+        """Apply the consequences of the connection that just ended.
+
+        Returns the next step, the delay before the next attempt, and the attempt count.
+        """
+        cfg = self._config
+        policy = ex.policy
+        self._ka = None
+        stayed_up = self._up_since is not None and now - self._up_since >= cfg.stable_after
+        if stayed_up:
+            self._failures = 0
+            self._failed_resumes = 0
+            self._quick_disconnects = 0
+        elif self._sent_resume:
+            self._failed_resumes += 1
+        if self._had_transport and not stayed_up and policy is not APPLICATION_CLOSE:
+            opened = self._opened_at
+            if opened is None or now - opened < cfg.storm_window:
+                self._note_quick_disconnect(ex)
+        self._opened_at = None
+        self._up_since = None
+        self._sent_resume = False
+        if policy.refresh_token:
+            self._force_token = True
+
+        step = policy.step
+        if step is NextStep.RESUME and self._session is None:
+            step = NextStep.IDENTIFY
+        if step is NextStep.RESUME and self._failed_resumes >= cfg.max_failed_resumes:
+            self._drop_session(f"resume failed {self._failed_resumes} times in a row", now)
+            self._failed_resumes = 0
+            step = NextStep.IDENTIFY
+        elif step is NextStep.IDENTIFY and self._session is not None:
+            self._drop_session(policy.meaning, now)
+        if step is NextStep.STOP:
+            return step, 0.0, self._failures
+
+        if ex.delay is not None:
+            return step, ex.delay, self._failures
+        if policy.rotation and stayed_up:
+            return step, 0.0, 0
+        self._failures += 1
+        if policy.cooldown:
+            return step, cfg.rate_limit_cooldown, self._failures
+        delay = full_jitter_delay(
+            self._failures, self._rng, base=cfg.backoff_base, cap=cfg.backoff_cap
+        )
+        return step, delay, self._failures
+
+    def _note_quick_disconnect(self, ex: _Exit) -> None:
+        self._quick_disconnects += 1
+        count = self._quick_disconnects
+        if count % self._config.storm_threshold == 0:
+            hint = ex.policy.hint or (
+                "connections keep ending right after they open: check the network or proxy, "
+                "the credentials, and the intents"
+            )
+            self._emit(DisconnectStorm(code=ex.code, count=count, hint=hint))
+
+    def _drop_session(self, reason: str, now: float) -> None:
+        session = self._session
+        if session is None:
+            return
+        self._session = None
+        self._emit(SessionInvalidated(session_id=session.id, last_seq=session.seq, reason=reason))
+        self._persist(now)
+
+    # ----------------------------------------------------------------------- helpers
+
+    def _clock(self, now: float) -> float:
+        # Time never runs backwards inside the core: a driver that passes max(deadline, now)
+        # to handle_timer may pass a slightly smaller clock reading to the next verb.
+        if not now >= self._now:
+            if math.isnan(now):
+                raise LocalProtocolError("now is NaN")
+            return self._now
+        self._now = now
+        return now
+
+    def _emit(self, output: Output) -> None:
+        self._outputs.append(output)
+
+    def _violation(self, error: RemoteProtocolError) -> None:
+        self._outputs.append(ProtocolViolation(error=error, kind=error.reason))
+
+    def _send_beat(self) -> None:
+        session = self._session
+        text = encode_heartbeat(session.seq if session is not None else None)
+        self._outputs.append(SendPayload(op=Opcode.HEARTBEAT, text=text))
+
+    def _persist(self, now: float) -> None:
+        """Emit PersistSnapshot when the session id or seq changed since the last one."""
+        session = self._session
+        key = (session.id, session.seq) if session is not None else None
+        if key == self._persisted:
+            return
+        self._persisted = key
+        snapshot = None
+        if session is not None:
+            snapshot = SessionSnapshot(
+                session_id=session.id, seq=session.seq, shard=self._config.shard, saved_at=now
+            )
+        self._emit(PersistSnapshot(snapshot=snapshot))
+
+    def _require_token(self) -> str:
+        if self._token is None:
+            raise RuntimeError("authenticating without a token")
+        return self._token
+
+    def _leave(self, trigger: Trigger, policy: ClosePolicy, reason: str) -> None:
+        """End a live connection at the server's request."""
+        self._exit = _Exit(policy, self._config.keep_session_close_code, reason, by_server=True)
+        self._fire(trigger, reason)
+
+    def _fire(self, trigger: Trigger, reason: str) -> None:
+        model = self._model
+        old = model.state
+        if not self._machine.events[trigger].trigger(model):
+            raise RuntimeError(f"{trigger} from {old.name}: no transition matched")
+        new = model.state
+        if new is not old:
+            self._outputs.append(StateChanged(old=old, new=new, reason=reason))
+            entry = self._entry.get(new)
+            if entry is not None:
+                entry(self._now)
+
+    def _fire_or_raise(self, trigger: Trigger, reason: str) -> None:
+        state = self._model.state
+        if state.name not in self._machine.events[trigger].transitions:
+            raise LocalProtocolError(f"{trigger} is not allowed in state {state.name}")
+        try:
+            self._fire(trigger, reason)
+        except MachineError as exc:  # pragma: no cover - guarded by the check above
+            raise LocalProtocolError(str(exc)) from None
+
+    def _break(self, exc: BaseException) -> None:
+        self._broken = exc
+        self._ka = None
+        self._deadline = None
+        try:
+            self._machine.set_state(_S.ERROR, self._model)
+        except Exception:  # noqa: BLE001 - the machine itself may be what broke
+            self._model.state = _S.ERROR

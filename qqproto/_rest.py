@@ -1,0 +1,135 @@
+# The two HTTP answers a gateway session depends on, parsed once, here, for every driver.
+#
+# The shapes are in PROTOCOL.md §1. Two traps: `expires_in` is documented as a number but
+# arrives as a string ("7200"), and REST errors may come with HTTP 200 and a body `code`.
+# Parsing lives in the core so that no driver grows its own slightly different rules.
+"""Parsers for the token and gateway-URL HTTP answers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from qqproto._errors import InvalidResponse
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = [
+    "GatewayInfo",
+    "SessionStartLimit",
+    "TokenGrant",
+    "parse_expires_in",
+    "parse_gateway_response",
+    "parse_token_response",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionStartLimit:
+    """``session_start_limit`` of ``GET /gateway/bot``.
+
+    Attributes:
+        total: sessions that may start per 24 h.
+        remaining: sessions that may still start before the reset.
+        reset_after: seconds until ``remaining`` resets (the API sends milliseconds).
+        max_concurrency: sessions that may start per 5 s window.
+    """
+
+    total: int
+    remaining: int
+    reset_after: float
+    max_concurrency: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayInfo:
+    """The answer of ``GET /gateway`` (url only) or ``GET /gateway/bot`` (all fields)."""
+
+    url: str
+    shards: int | None = None
+    session_start_limit: SessionStartLimit | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenGrant:
+    """An access token and its remaining life in seconds. The token is never in the repr."""
+
+    token: str = field(repr=False)
+    expires_in: float
+
+
+def parse_expires_in(value: object) -> float:
+    """Read ``expires_in`` given as an int, a float or a numeric string (``"7200"``).
+
+    Raises:
+        InvalidResponse: anything else, or a negative or non-finite number.
+    """
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise InvalidResponse("'expires_in' is not a number") from None
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise InvalidResponse("'expires_in' is not a number")
+    if not math.isfinite(number) or number < 0:
+        raise InvalidResponse("'expires_in' is negative or not finite")
+    return number
+
+
+def _int_field(obj: Mapping[str, object], name: str) -> int:
+    value = obj.get(name)
+    if type(value) is not int:
+        raise InvalidResponse(f"'{name}' is missing or not an int")
+    return value
+
+
+def parse_token_response(obj: object) -> TokenGrant:
+    """Parse the JSON body of ``POST /app/getAppAccessToken``.
+
+    Raises:
+        InvalidResponse: an error ``code``, or no usable ``access_token``/``expires_in``. The
+            message names the fields, never their values.
+    """
+    if not isinstance(obj, dict):
+        raise InvalidResponse("token response is not a JSON object")
+    code = obj.get("code")
+    if code not in (None, 0, "0"):
+        message = obj.get("message")
+        text = message if isinstance(message, str) else ""
+        raise InvalidResponse(f"token endpoint answered code {code!r}: {text[:200]}")
+    token = obj.get("access_token")
+    if not isinstance(token, str) or not token:
+        raise InvalidResponse("token response has no 'access_token'")
+    return TokenGrant(token, parse_expires_in(obj.get("expires_in")))
+
+
+def parse_gateway_response(obj: object) -> GatewayInfo:
+    """Parse the JSON body of ``GET /gateway`` or ``GET /gateway/bot``.
+
+    Raises:
+        InvalidResponse: no ``url``, or a ``session_start_limit`` of the wrong shape.
+    """
+    if not isinstance(obj, dict):
+        raise InvalidResponse("gateway response is not a JSON object")
+    url = obj.get("url")
+    if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
+        raise InvalidResponse("gateway response has no ws:// or wss:// 'url'")
+    shards = obj.get("shards")
+    if shards is not None and (type(shards) is not int or shards < 1):
+        raise InvalidResponse("'shards' is not a positive int")
+    raw_limit = obj.get("session_start_limit")
+    limit = None
+    if raw_limit is not None:
+        if not isinstance(raw_limit, dict):
+            raise InvalidResponse("'session_start_limit' is not an object")
+        limit = SessionStartLimit(
+            total=_int_field(raw_limit, "total"),
+            remaining=_int_field(raw_limit, "remaining"),
+            reset_after=_int_field(raw_limit, "reset_after") / 1000.0,
+            max_concurrency=max(1, _int_field(raw_limit, "max_concurrency")),
+        )
+    return GatewayInfo(url=url, shards=shards, session_start_limit=limit)

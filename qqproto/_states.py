@@ -1,0 +1,189 @@
+# The session lifecycle: every state, every transition, every guard, in one place.
+#
+# Theory of operation. A gateway session is a loop:
+#
+#   PREPARING -> CONNECTING -> AWAITING_HELLO -> IDENTIFYING | RESUMING -> READY
+#        ^                                                                   |
+#        +------------------------------- BACKOFF <- CLOSING | ZOMBIE <------+
+#
+# PREPARING gathers what a connection attempt needs before a socket is opened (an access
+# token with enough life left, the gateway URL, and for an Identify an identify permit).
+# Every way out of a connection goes through BACKOFF, whose timer is the only way back to
+# PREPARING: no path reconnects without passing a scheduled timer, not even op 7 (whose
+# delay is 0 s). STOPPED is terminal by policy (fatal close code, or the application closed
+# the session); ERROR is terminal by accident (an internal exception escaped) and every later
+# call fails fast.
+#
+# This module is data only. The connection (`_connection.py`) decides *which* trigger an
+# input means and does the work of entering a state; pytransitions checks that the trigger is
+# allowed from the current state and picks the destination, evaluating the guards named here.
+# The state diagram (`state_diagram.md`, made by `_diagram.py`) and the totality test read the
+# very Machine that `build_machine` returns, so the picture cannot drift from the code.
+#
+# Hot-path inputs (dispatches, heartbeat ACKs, the heartbeat timer) never go through a
+# trigger: a pytransitions trigger costs 5-10 us, which is more than parsing the payload.
+"""The session state machine: states, triggers, guards and transitions."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TYPE_CHECKING, Literal
+
+from transitions import Machine
+
+if TYPE_CHECKING:
+    from transitions.core import TransitionConfigDict
+
+__all__ = ["GUARDS", "STATE_DOCS", "TRANSITIONS", "SessionState", "Trigger", "build_machine"]
+
+
+class SessionState(Enum):
+    """The lifecycle state of one gateway connection (one shard)."""
+
+    IDLE = "idle"
+    PREPARING = "preparing"
+    CONNECTING = "connecting"
+    AWAITING_HELLO = "awaiting_hello"
+    IDENTIFYING = "identifying"
+    RESUMING = "resuming"
+    READY = "ready"
+    ZOMBIE = "zombie"
+    CLOSING = "closing"
+    BACKOFF = "backoff"
+    STOPPED = "stopped"
+    ERROR = "error"
+
+
+STATE_DOCS: dict[SessionState, str] = {
+    SessionState.IDLE: "Created; nothing happens until `start()`.",
+    SessionState.PREPARING: (
+        "Gathering what an attempt needs before opening a socket: a token with enough life "
+        "left, the gateway URL, and (to Identify) an identify permit."
+    ),
+    SessionState.CONNECTING: "The driver is opening the WebSocket (bounded by `connect_timeout`).",
+    SessionState.AWAITING_HELLO: (
+        "Socket open; waiting for Hello (op 10), bounded by `hello_timeout`. Nothing is sent."
+    ),
+    SessionState.IDENTIFYING: (
+        "Identify (op 2) sent; waiting for READY, bounded by `auth_timeout`. Heartbeating."
+    ),
+    SessionState.RESUMING: (
+        "Resume (op 6) sent; replayed dispatches are delivered until RESUMED, bounded by "
+        "`auth_timeout`. Heartbeating."
+    ),
+    SessionState.READY: "Session live: dispatches are delivered, beats are ACKed.",
+    SessionState.ZOMBIE: (
+        "A beat fell due while the previous one was unacknowledged: the link is dead. A "
+        "session-keeping close was sent; the transport is aborted after `close_timeout`."
+    ),
+    SessionState.CLOSING: (
+        "We are closing this connection (op 7, op 9, a phase deadline, a second Hello, or the "
+        "application); the transport is aborted after `close_timeout`."
+    ),
+    SessionState.BACKOFF: "No connection; the reconnect timer is running.",
+    SessionState.STOPPED: "Terminal: a fatal close code, or the application closed the session.",
+    SessionState.ERROR: "Terminal: an internal error escaped; every later call fails fast.",
+}
+
+Trigger = Literal[
+    "start",
+    "prepared",
+    "prepare_failed",
+    "transport_opened",
+    "transport_closed",
+    "recv_hello",
+    "recv_ready",
+    "recv_resumed",
+    "recv_reconnect",
+    "recv_invalid_session",
+    "ack_missed",
+    "timer_expired",
+    "user_close",
+    "fail",
+]
+"""Every input that can change the lifecycle state, named after where it comes from."""
+
+GUARDS: dict[str, str] = {
+    "can_resume": "a session id and sequence are held (from READY, or from a snapshot)",
+    "stopping": "the planned next step is to stop (fatal close code, or the application closed)",
+}
+"""Every guard a transition may name, with its meaning (shown in the state diagram)."""
+
+_S = SessionState
+# States in which a transport exists (or is being opened) and must be torn down on exit.
+_LINKED = [_S.AWAITING_HELLO, _S.IDENTIFYING, _S.RESUMING, _S.READY]
+_HEARTBEATING = [_S.IDENTIFYING, _S.RESUMING, _S.READY]
+_WINDING_DOWN = [_S.ZOMBIE, _S.CLOSING]
+_CLOSABLE = [_S.CONNECTING, *_LINKED, *_WINDING_DOWN]
+
+
+def _t(
+    trigger: Trigger,
+    source: SessionState | list[SessionState],
+    dest: SessionState | None,
+    guard: str | None = None,
+) -> TransitionConfigDict:
+    spec: TransitionConfigDict = {
+        "trigger": trigger,
+        "source": source if isinstance(source, list) else [source],
+        "dest": dest,
+    }
+    if guard is not None:
+        spec["conditions"] = [guard]
+    return spec
+
+
+# Order matters: for one trigger and source, the first spec whose guard passes wins, so each
+# guarded spec is followed by its unconditional fallback (pytransitions fails silently when no
+# spec matches).
+TRANSITIONS: list[TransitionConfigDict] = [
+    _t("start", _S.IDLE, _S.PREPARING),
+    _t("prepared", _S.PREPARING, _S.CONNECTING),
+    _t("prepare_failed", _S.PREPARING, _S.BACKOFF),
+    _t("transport_opened", _S.CONNECTING, _S.AWAITING_HELLO),
+    _t("recv_hello", _S.AWAITING_HELLO, _S.RESUMING, "can_resume"),
+    _t("recv_hello", _S.AWAITING_HELLO, _S.IDENTIFYING),
+    # A second Hello on a live connection means the server reset it: reconnect and resume,
+    # never run two heartbeat schedules (FAILURE_MODES S23).
+    _t("recv_hello", _HEARTBEATING, _S.CLOSING),
+    _t("recv_ready", _S.IDENTIFYING, _S.READY),
+    _t("recv_resumed", _S.RESUMING, _S.READY),
+    # op 7 may even be the first frame (a node restarting): back off and retry, keep session.
+    _t("recv_reconnect", _LINKED, _S.CLOSING),
+    _t("recv_invalid_session", _HEARTBEATING, _S.CLOSING),
+    _t("ack_missed", _HEARTBEATING, _S.ZOMBIE),
+    _t("timer_expired", _S.PREPARING, _S.BACKOFF),
+    _t("timer_expired", _S.CONNECTING, _S.BACKOFF),
+    _t("timer_expired", _LINKED, _S.CLOSING),
+    _t("timer_expired", _WINDING_DOWN, _S.STOPPED, "stopping"),
+    _t("timer_expired", _WINDING_DOWN, _S.BACKOFF),
+    _t("timer_expired", _S.BACKOFF, _S.PREPARING),
+    _t("transport_closed", _CLOSABLE, _S.STOPPED, "stopping"),
+    _t("transport_closed", _CLOSABLE, _S.BACKOFF),
+    # A late report about a transport the core already gave up on (aborted, or never
+    # opened) changes nothing.
+    _t("transport_closed", [_S.PREPARING, _S.BACKOFF, _S.STOPPED], None),
+    _t("user_close", [_S.IDLE, _S.PREPARING, _S.CONNECTING, _S.BACKOFF], _S.STOPPED),
+    _t("user_close", _LINKED, _S.CLOSING),
+    # Already closing: the close in flight ends in STOPPED instead of BACKOFF.
+    _t("user_close", [*_WINDING_DOWN, _S.STOPPED], None),
+    _t("fail", [s for s in SessionState if s is not _S.ERROR], _S.ERROR),
+]
+
+
+def build_machine(model: object) -> Machine:
+    """Build the lifecycle Machine for one connection's private model.
+
+    The model must have a ``state`` attribute (set here) and one boolean method per name in
+    :data:`GUARDS`. One Machine per connection: it is small (about 25 KB) and avoids a
+    shared mutable Machine holding strong references to every model.
+    """
+    return Machine(
+        model=model,
+        states=SessionState,
+        transitions=TRANSITIONS,
+        initial=SessionState.IDLE,
+        auto_transitions=False,
+        send_event=False,
+        queued=False,
+    )
