@@ -154,7 +154,7 @@ TRANSITIONS: list[TransitionConfigDict] = [
     _t("ack_missed", _HEARTBEATING, _S.ZOMBIE),
     _t("timer_expired", _S.PREPARING, _S.BACKOFF),
     _t("timer_expired", _S.CONNECTING, _S.BACKOFF),
-    _t("timer_expired", _LINKED, _S.CLOSING),
+    _t("timer_expired", [_S.AWAITING_HELLO, _S.IDENTIFYING, _S.RESUMING], _S.CLOSING),
     _t("timer_expired", _WINDING_DOWN, _S.STOPPED, "stopping"),
     _t("timer_expired", _WINDING_DOWN, _S.BACKOFF),
     _t("timer_expired", _S.BACKOFF, _S.PREPARING),
