@@ -1,0 +1,167 @@
+# How events read to a human and to a log pipeline: one place, used by the CLI and the logs.
+#
+# Every event becomes a name, a one-line message and a flat dict of JSON-able fields (the
+# schema documented in docs/cli.md). Session ids are masked (first 8 characters): they are not
+# secrets, but they do not belong in shared logs either (hermes logged them at INFO). Tokens
+# cannot appear: no event carries one.
+"""Turn core events into log lines and structured fields."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from qqproto import (
+    Disconnected,
+    DisconnectStorm,
+    Dispatch,
+    DuplicateDropped,
+    FatalStop,
+    HeartbeatAcknowledged,
+    HelloReceived,
+    ProtocolViolation,
+    Ready,
+    ReconnectScheduled,
+    Resumed,
+    SessionInvalidated,
+    StateChanged,
+    ZombieDetected,
+)
+
+if TYPE_CHECKING:
+    from qqproto import Event
+
+__all__ = ["Description", "describe_event", "mask"]
+
+Field = str | int | float | bool | None
+
+
+class Description:
+    """An event as a log line: ``name``, ``level``, ``message`` and flat ``fields``."""
+
+    __slots__ = ("fields", "level", "message", "name")
+
+    def __init__(self, name: str, level: int, message: str, fields: dict[str, Field]) -> None:
+        self.name = name
+        self.level = level
+        self.message = message
+        self.fields = fields
+
+
+def mask(session_id: str | None) -> str | None:
+    """Keep the first 8 characters of a session id."""
+    if session_id is None:
+        return None
+    return session_id[:8] + "…" if len(session_id) > 8 else session_id
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 1)
+
+
+def describe_event(event: Event) -> Description:
+    """Describe one event (see docs/cli.md for the field schema)."""
+    info, debug, warning, error = logging.INFO, logging.DEBUG, logging.WARNING, logging.ERROR
+    if isinstance(event, Dispatch):
+        return Description(
+            "dispatch",
+            debug,
+            f"dispatch {event.type} seq={event.seq}",
+            {"type": event.type, "seq": event.seq, "event_id": event.event_id},
+        )
+    if isinstance(event, HeartbeatAcknowledged):
+        return Description(
+            "heartbeat_ack",
+            debug,
+            f"heartbeat acknowledged in {_ms(event.latency)} ms",
+            {"latency_ms": _ms(event.latency), "mean_latency_ms": _ms(event.mean_latency)},
+        )
+    if isinstance(event, StateChanged):
+        return Description(
+            "state",
+            debug,
+            f"{event.old.name} -> {event.new.name}: {event.reason}",
+            {"old": event.old.name, "new": event.new.name, "reason": event.reason},
+        )
+    if isinstance(event, HelloReceived):
+        return Description(
+            "hello",
+            info,
+            f"connected; heartbeat every {event.heartbeat_interval:g} s",
+            {"interval_s": event.heartbeat_interval},
+        )
+    if isinstance(event, Ready):
+        sid = mask(event.session_id)
+        return Description(
+            "ready", info, f"ready: new session {sid}", {"session": sid, "seq": event.seq}
+        )
+    if isinstance(event, Resumed):
+        return Description(
+            "resumed",
+            info,
+            f"resumed; {event.replayed} missed events replayed",
+            {"replayed": event.replayed, "seq": event.seq},
+        )
+    if isinstance(event, ZombieDetected):
+        return Description(
+            "zombie",
+            warning,
+            f"no heartbeat ACK for {event.since_last_ack:.1f} s: connection is dead, reconnecting",
+            {"ack_age_s": round(event.since_last_ack, 3), "interval_s": event.interval},
+        )
+    if isinstance(event, Disconnected):
+        return Description(
+            "disconnected",
+            info if event.next_step.value != "stop" else warning,
+            f"disconnected ({event.code}): {event.reason}; next: {event.next_step.value}",
+            {
+                "code": event.code,
+                "reason": event.reason,
+                "by_server": event.by_server,
+                "next": event.next_step.value,
+            },
+        )
+    if isinstance(event, ReconnectScheduled):
+        return Description(
+            "reconnect",
+            info,
+            f"reconnecting in {event.delay:.1f} s because {event.reason}",
+            {"delay_s": round(event.delay, 3), "attempt": event.attempt, "reason": event.reason},
+        )
+    if isinstance(event, SessionInvalidated):
+        return Description(
+            "session_invalidated",
+            warning,
+            f"session {mask(event.session_id)} lost ({event.reason}); "
+            f"events after seq {event.last_seq} may have been lost",
+            {"session": mask(event.session_id), "seq": event.last_seq, "reason": event.reason},
+        )
+    if isinstance(event, FatalStop):
+        return Description(
+            "fatal",
+            error,
+            f"stopped: {event.code} {event.reason}. {event.hint}",
+            {"code": event.code, "reason": event.reason, "hint": event.hint},
+        )
+    if isinstance(event, DisconnectStorm):
+        return Description(
+            "disconnect_storm",
+            warning,
+            f"{event.count} quick disconnects in a row (last code {event.code}): {event.hint}",
+            {"code": event.code, "count": event.count, "hint": event.hint},
+        )
+    if isinstance(event, DuplicateDropped):
+        return Description(
+            "duplicate",
+            debug,
+            f"duplicate {event.type} seq={event.seq} dropped (same {event.key})",
+            {"type": event.type, "seq": event.seq, "key": event.key},
+        )
+    if isinstance(event, ProtocolViolation):
+        return Description(
+            "protocol_violation",
+            warning,
+            f"server sent something invalid ({event.kind}): {event.error}",
+            {"kind": event.kind, "error": str(event.error)},
+        )
+    return Description(type(event).__name__, debug, repr(event), {})
