@@ -124,6 +124,7 @@ class Faults:
         rate_limit: close 4008 when more than 2 payloads arrive within one second (S12).
         replay_overlap: on Resume, also replay this many dispatches the client already has
             (duplicates, S15).
+        replay_reversed: replay in reverse order (out-of-order replays).
         second_hello: send a second Hello right after READY/RESUMED (S23).
     """
 
@@ -137,6 +138,7 @@ class Faults:
     ignore_close: bool = False
     rate_limit: bool = False
     replay_overlap: int = 0
+    replay_reversed: bool = False
     second_hello: bool = False
 
 
@@ -292,9 +294,10 @@ class ServerConnection:
             return
         self._attach(session, now)
         start = (seq or 0) - faults.replay_overlap
-        for s, text in session.buffer:
-            if s > start:
-                self.outputs.append(ServerSend(text))
+        replay = [ServerSend(text) for s, text in session.buffer if s > start]
+        if faults.replay_reversed:
+            replay.reverse()
+        self.outputs.extend(replay)
         session.seq += 1
         self._raw({"op": 0, "s": session.seq, "t": "RESUMED", "d": ""})
         if faults.resume_then_drop:
@@ -330,6 +333,10 @@ class ServerConnection:
             return
         self.outputs.append(ServerClose(code, reason))
         self._end(now)
+
+    def close(self, code: int, reason: str, now: float) -> None:
+        """Close the connection with ``code`` (a test's scripted server close)."""
+        self._close(code, reason, now)
 
     def drop(self, now: float) -> None:
         """End the connection without a close frame."""

@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Link", "SimClient", "Simulation", "TraceEntry"]
 
+_RETRANSMIT_TIMEOUT = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class TraceEntry:
@@ -79,24 +81,47 @@ class Link:
         latency: one-way delay in seconds.
     """
 
-    def __init__(self, client: SimClient, server: ServerConnection, latency: float) -> None:
+    def __init__(
+        self,
+        client: SimClient,
+        server: ServerConnection,
+        latency: float,
+        *,
+        jitter: float = 0.0,
+        loss: float = 0.0,
+        rng: random.Random,
+    ) -> None:
         self.client = client
         self.server = server
         self.latency = latency
+        self.jitter = jitter
+        self.loss = loss
         self.half_open = False
+        self.blocked_until = float("-inf")  # a partition: nothing arrives before this
         self.client_gone = False  # the client aborted or finished closing
         self.server_gone = False  # the server closed or dropped
+        self._rng = rng
         self._up_at = 0.0  # FIFO per direction, like TCP
         self._down_at = 0.0
 
+    def _delay(self, now: float) -> float:
+        delay = self.latency
+        if self.jitter:
+            delay += self.jitter * self._rng.random()
+        # TCP does not lose messages, it retransmits them: a loss costs a retransmission
+        # timeout (1 s, the RFC 6298 minimum) and the stream stays in order.
+        if self.loss and self._rng.random() < self.loss:
+            delay += _RETRANSMIT_TIMEOUT
+        return max(now + delay, self.blocked_until + self.latency)
+
     def up_time(self, now: float) -> float:
         """When a message sent by the client now reaches the server."""
-        self._up_at = max(self._up_at, now + self.latency)
+        self._up_at = max(self._up_at, self._delay(now))
         return self._up_at
 
     def down_time(self, now: float) -> float:
         """When a message sent by the server now reaches the client."""
-        self._down_at = max(self._down_at, now + self.latency)
+        self._down_at = max(self._down_at, self._delay(now))
         return self._down_at
 
 
@@ -339,7 +364,7 @@ class SimClient:
 
         def accept() -> None:
             server = sim.gateway.accept(sim.now)
-            link = Link(self, server, latency)
+            link = Link(self, server, latency, jitter=sim.jitter, loss=sim.loss, rng=sim.rng)
             sim.links[server] = link
             self.links.append(link)
             self.link = link
@@ -357,6 +382,8 @@ class Simulation:
         seed: the only source of randomness (client jitter, gateway ids, tokens).
         gateway: the fake platform's settings.
         latency: one-way network delay in seconds.
+        jitter: extra random one-way delay, uniform in ``[0, jitter)``; order is kept.
+        loss: probability that a message needs a retransmission (1 s more; order is kept).
         http_latency: delay of each HTTP answer.
         trace: keep a trace (turn off for long benchmark runs).
     """
@@ -367,12 +394,16 @@ class Simulation:
         seed: int = 0,
         gateway: FakeGatewayConfig | None = None,
         latency: float = 0.02,
+        jitter: float = 0.0,
+        loss: float = 0.0,
         http_latency: float = 0.05,
         trace: bool = True,
     ) -> None:
         self.rng = random.Random(seed)
         self.now = 0.0
         self.latency = latency
+        self.jitter = jitter
+        self.loss = loss
         self.http_latency = http_latency
         self.gateway = FakeGateway(gateway, rng=random.Random(self.rng.getrandbits(64)))
         self.clients: list[SimClient] = []
@@ -544,6 +575,28 @@ class Simulation:
         if link is not None:
             link.half_open = True
             self.trace_add(client.name, "fault", "link is half-open")
+
+    def partition(self, client: SimClient, seconds: float) -> None:
+        """Nothing crosses the client's current link for ``seconds``; then everything sent
+        meanwhile arrives, in order (TCP retransmits once the path heals)."""
+        link = client.link
+        if link is not None:
+            link.blocked_until = max(link.blocked_until, self.now + seconds)
+            self.trace_add(client.name, "fault", f"link partitioned for {seconds:g} s")
+
+    def server_close(self, client: SimClient, code: int, reason: str = "") -> None:
+        """The server closes the client's current connection with ``code`` (no op 7)."""
+        link = client.link
+        if link is not None:
+            link.server.close(code, reason or "closed by the test", self.now)
+            self.flush_server(link.server)
+
+    def server_send(self, client: SimClient, text: str) -> None:
+        """The server sends ``text`` (anything, malformed included) on the client's link."""
+        link = client.link
+        if link is not None:
+            link.server.outputs.append(ServerSend(text))
+            self.flush_server(link.server)
 
     # ---------------------------------------------------------------------- tracing
 
