@@ -9,21 +9,27 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 __all__ = ["SeenIds"]
 
 
 class SeenIds:
     """Remembers up to ``max_items`` ids for at most ``max_age`` seconds.
 
-    Insertion order is age order (a dict keeps it), so expiry only ever looks at the front.
+    Insertion order is age order, so expiry only ever looks at the front. An OrderedDict,
+    not a dict: finding the first key of a plain dict that is used as a queue scans over the
+    holes its deletions left, which made a simulated day 25 % slower.
     """
 
-    __slots__ = ("_items", "_max_age", "_max_items")
+    __slots__ = ("_expire_at", "_items", "_max_age", "_max_items")
 
     def __init__(self, *, max_items: int, max_age: float) -> None:
-        self._items: dict[str, float] = {}
+        self._items: OrderedDict[str, float] = OrderedDict()
         self._max_items = max_items
         self._max_age = max_age
+        # When the oldest entry expires: the common case is one comparison, no peek.
+        self._expire_at = float("inf")
 
     def __len__(self) -> int:
         return len(self._items)
@@ -31,16 +37,25 @@ class SeenIds:
     def check_and_add(self, key: str, now: float) -> bool:
         """Return True if ``key`` was seen within the window; otherwise remember it."""
         items = self._items
-        if key in items:
-            if now - items[key] <= self._max_age:
+        seen_at = items.get(key)
+        if seen_at is not None:
+            if now - seen_at <= self._max_age:
                 return True
             del items[key]
+            self._reset_expiry()
         items[key] = now
         if len(items) > self._max_items:
-            del items[next(iter(items))]
-        horizon = now - self._max_age
-        while True:
-            oldest = next(iter(items))
-            if items[oldest] >= horizon:
-                return False
-            del items[oldest]
+            items.popitem(last=False)
+            self._reset_expiry()
+        elif len(items) == 1:
+            self._expire_at = now + self._max_age
+        if now > self._expire_at:
+            horizon = now - self._max_age
+            while items[next(iter(items))] < horizon:
+                items.popitem(last=False)
+            self._reset_expiry()
+        return False
+
+    def _reset_expiry(self) -> None:
+        items = self._items
+        self._expire_at = items[next(iter(items))] + self._max_age if items else float("inf")

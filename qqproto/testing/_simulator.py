@@ -271,7 +271,8 @@ class SimClient:
         self.events.append((now, event))
         if isinstance(event, Dispatch):
             self.dispatches.append(event)
-        self.sim.trace_add(self.name, "event", repr(event))
+        if self.sim.trace is not None:
+            self.sim.trace_add(self.name, "event", repr(event))
         if self.on_event is not None:
             self.on_event(self, now, event)
 
