@@ -20,13 +20,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qqproto._close_codes import (
+    CLOSE_CODE_POLICY,
+    DEADLINE,
+    INVALID_SESSION,
+    INVALID_SESSION_RESUMABLE,
+    RECONNECT_REQUEST,
+    REQUEST_FAILED,
+    SERVER_RESET,
+    START_LIMIT_EXHAUSTED,
+    UNKNOWN_CLOSE,
+    ZOMBIE,
+    ClosePolicy,
+)
 from qqproto._connection import GatewayConnection
 from qqproto._states import GUARDS, STATE_DOCS, SessionState
 
 if TYPE_CHECKING:
     from transitions import Machine
 
-__all__ = ["DIAGRAM_PATH", "Edge", "edges", "render_markdown", "render_mermaid"]
+__all__ = [
+    "DIAGRAM_PATH",
+    "Edge",
+    "edges",
+    "render_close_codes",
+    "render_markdown",
+    "render_mermaid",
+]
 
 DIAGRAM_PATH = Path(__file__).resolve().parent.parent / "state_diagram.md"
 
@@ -129,7 +149,61 @@ def render_markdown(machine: Machine | None = None) -> str:
         dest = f"`{edge.dest}`" if edge.dest is not None else "(unchanged)"
         guard = f"`{edge.guard}`" if edge.guard else ""
         out.append(f"| `{edge.trigger}` | `{edge.source}` | {dest} | {guard} |")
+    out += [
+        "",
+        "## Close-code policy",
+        "",
+        "What happens after a connection ends, from `qqproto/_close_codes.py`. A resume",
+        "becomes an identify when no session is held or after `max_failed_resumes` failed",
+        "resumes in a row; every reconnect waits for a full-jitter backoff unless noted.",
+        "",
+        render_close_codes().rstrip("\n"),
+    ]
     return "\n".join(out) + "\n"
+
+
+def _policy_row(what: str, policy: ClosePolicy) -> str:
+    how = []
+    if policy.rotation:
+        how.append("rotation: no delay if the session had stayed up")
+    if policy.cooldown:
+        how.append("waits `rate_limit_cooldown` instead of the backoff")
+    if policy.refresh_token:
+        how.append("fetches a new token first")
+    return f"| {what} | {policy.meaning} | {policy.step.value} | {'; '.join(how)} | {policy.hint} |"
+
+
+def render_close_codes() -> str:
+    """The close-code policy (`_close_codes.py`) as a Markdown table, ranges collapsed."""
+    rows = [
+        "| code or cause | meaning | next step | how | hint |",
+        "|---|---|---|---|---|",
+    ]
+    codes = sorted(CLOSE_CODE_POLICY)
+    i = 0
+    while i < len(codes):
+        j = i
+        policy = CLOSE_CODE_POLICY[codes[i]]
+        while j + 1 < len(codes) and codes[j + 1] == codes[j] + 1:
+            if CLOSE_CODE_POLICY[codes[j + 1]] is not policy:
+                break
+            j += 1
+        what = f"{codes[i]}" if i == j else f"{codes[i]}-{codes[j]}"
+        rows.append(_policy_row(what, policy))
+        i = j + 1
+    others: list[tuple[str, ClosePolicy]] = [
+        ("any other code, 1000, 1006, no close frame", UNKNOWN_CLOSE),
+        ("op 7 Reconnect", RECONNECT_REQUEST),
+        ("op 9, `d` not true", INVALID_SESSION),
+        ("op 9, `d: true` (first in a row)", INVALID_SESSION_RESUMABLE),
+        ("second Hello on a live connection", SERVER_RESET),
+        ("heartbeat ACK missed (zombie)", ZOMBIE),
+        ("a phase deadline passed", DEADLINE),
+        ("token or gateway request failed", REQUEST_FAILED),
+        ("Identify due, `session_start_limit.remaining` is 0", START_LIMIT_EXHAUSTED),
+    ]
+    rows += [_policy_row(what, policy) for what, policy in others]
+    return "\n".join(rows) + "\n"
 
 
 def main(argv: list[str]) -> int:
