@@ -33,6 +33,7 @@ from transitions import MachineError
 from qqproto._backoff import full_jitter_delay
 from qqproto._close_codes import (
     APPLICATION_CLOSE,
+    CLOSE_CODE_POLICY,
     DEADLINE,
     INVALID_SESSION,
     INVALID_SESSION_RESUMABLE,
@@ -106,6 +107,9 @@ _LINKED = frozenset({_S.AWAITING_HELLO, _S.IDENTIFYING, _S.RESUMING, _S.READY})
 _WINDING_DOWN = frozenset({_S.ZOMBIE, _S.CLOSING})
 _DELIVERING = frozenset({_S.RESUMING, _S.READY, _S.ZOMBIE, _S.CLOSING})
 _TIMER_LOOP_BOUND = 16
+# Beyond 2**40 s (35,000 years) float seconds lose sub-millisecond resolution; such a `now`
+# is a unit bug in the caller (nanoseconds?), not a time.
+_MAX_TIME = float(2**40)
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -222,11 +226,13 @@ class GatewayConnection:
         self._had_transport = False
         self._opened_at: float | None = None
         self._up_since: float | None = None
+        self._alive_at: float | None = None  # last sign of life from the server
         self._sent_resume = False
         self._replayed = 0
         # Across connections.
         self._failures = 0
         self._failed_resumes = 0
+        self._op9_resumed = False  # the last connection ended with an op 9 d=true we honoured
         self._quick_disconnects = 0
         self._seen_events = SeenIds(max_items=cfg.dedup_max_ids, max_age=cfg.dedup_max_age)
         self._seen_messages = SeenIds(max_items=cfg.dedup_max_ids, max_age=cfg.dedup_max_age)
@@ -423,16 +429,33 @@ class GatewayConnection:
     def connection_closed(self, code: int | None, reason: str, now: float) -> None:
         """The transport closed or failed: a close frame (``code``), EOF or an error (``None``).
 
-        Also the way to report that :class:`OpenConnection` failed. After an
-        :class:`AbortTransport` the driver need not report anything; a late report is ignored.
+        Also the way to report that :class:`OpenConnection` failed. Never report a transport
+        the core told you to abort (:class:`AbortTransport`): stop reading it at once. The
+        core cannot tell an old transport's report from the current one's; a report that
+        arrives while no transport is expected (PREPARING, BACKOFF, STOPPED) is ignored.
 
         Raises:
             LocalProtocolError: in IDLE (nothing was ever opened).
         """
-        self._clock(now)
+        now = self._clock(now)
         state = self._model.state
+        if code is not None and state is not _S.CONNECTING:
+            self._alive_at = now  # a close frame: the server was alive until now
+        ex = self._exit
         if state in _LINKED or state is _S.CONNECTING:
             policy = policy_for_close(code)
+            self._exit = _Exit(policy, code, reason or policy.meaning, by_server=True)
+        elif (
+            state in _WINDING_DOWN
+            and ex is not None
+            and ex.policy is not APPLICATION_CLOSE
+            and code is not None
+            and code != ex.code
+            and code in CLOSE_CODE_POLICY
+        ):
+            # The server answered our close with a documented QQ code of its own (4914,
+            # 4004, ...): its verdict is better informed than our reason for closing.
+            policy = CLOSE_CODE_POLICY[code]
             self._exit = _Exit(policy, code, reason or policy.meaning, by_server=True)
         self._fire_or_raise("transport_closed", f"transport closed ({code})")
 
@@ -455,6 +478,7 @@ class GatewayConnection:
         except RemoteProtocolError as err:
             self._violation(err)
             return
+        self._alive_at = now
         op = p.op
         if op is Opcode.DISPATCH:
             self._on_dispatch(p, state, now)
@@ -629,9 +653,9 @@ class GatewayConnection:
         if state is _S.AWAITING_HELLO:
             self._violation(UnexpectedPayload("invalid session (op 9) before Hello"))
             return
-        # `d: true` (Discord: "resumable") has never been seen from QQ; honour it once, then
-        # stop trusting it so that op 9 cannot drive a resume loop (FAILURE_MODES S11).
-        resumable = p.d is True and self._failed_resumes == 0 and self._session is not None
+        # `d: true` (Discord: "resumable") has never been seen from QQ; honour it once in a
+        # row, then stop trusting it so that op 9 cannot drive a resume loop (S11).
+        resumable = p.d is True and not self._op9_resumed and self._session is not None
         policy = INVALID_SESSION_RESUMABLE if resumable else INVALID_SESSION
         self._leave("recv_invalid_session", policy, policy.meaning)
 
@@ -846,7 +870,11 @@ class GatewayConnection:
         cfg = self._config
         policy = ex.policy
         self._ka = None
-        stayed_up = self._up_since is not None and now - self._up_since >= cfg.stable_after
+        # "Stayed up" is measured to the server's last sign of life, not to the moment we
+        # noticed the death: a Resume that the server accepts and then ignores must count
+        # as a failed resume, however long the watchdog took to notice.
+        up, alive = self._up_since, self._alive_at
+        stayed_up = up is not None and alive is not None and alive - up >= cfg.stable_after
         if stayed_up:
             self._failures = 0
             self._failed_resumes = 0
@@ -859,16 +887,17 @@ class GatewayConnection:
                 self._note_quick_disconnect(ex)
         self._opened_at = None
         self._up_since = None
+        self._alive_at = None
         self._sent_resume = False
         if policy.refresh_token:
             self._force_token = True
+        self._op9_resumed = policy is INVALID_SESSION_RESUMABLE
 
         step = policy.step
         if step is NextStep.RESUME and self._session is None:
             step = NextStep.IDENTIFY
         if step is NextStep.RESUME and self._failed_resumes >= cfg.max_failed_resumes:
             self._drop_session(f"resume failed {self._failed_resumes} times in a row", now)
-            self._failed_resumes = 0
             step = NextStep.IDENTIFY
         elif step is NextStep.IDENTIFY and self._session is not None:
             self._drop_session(policy.meaning, now)
@@ -902,6 +931,7 @@ class GatewayConnection:
         if session is None:
             return
         self._session = None
+        self._failed_resumes = 0  # the resume budget belongs to the session
         self._emit(SessionInvalidated(session_id=session.id, last_seq=session.seq, reason=reason))
         self._persist(now)
 
@@ -910,12 +940,12 @@ class GatewayConnection:
     def _clock(self, now: float) -> float:
         # Time never runs backwards inside the core: a driver that passes max(deadline, now)
         # to handle_timer may pass a slightly smaller clock reading to the next verb.
-        if not now >= self._now:
-            if math.isnan(now):
-                raise LocalProtocolError("now is NaN")
-            return self._now
-        self._now = now
-        return now
+        if self._now <= now <= _MAX_TIME:
+            self._now = now
+            return now
+        if math.isnan(now) or now > _MAX_TIME:
+            raise LocalProtocolError(f"now={now} is not a monotonic clock reading in seconds")
+        return self._now
 
     def _emit(self, output: Output) -> None:
         self._outputs.append(output)
@@ -977,7 +1007,9 @@ class GatewayConnection:
         self._broken = exc
         self._ka = None
         self._deadline = None
+        old = self._model.state
         try:
-            self._machine.set_state(_S.ERROR, self._model)
+            self._machine.events["fail"].trigger(self._model)
         except Exception:  # noqa: BLE001 - the machine itself may be what broke
             self._model.state = _S.ERROR
+        self._outputs.append(StateChanged(old=old, new=_S.ERROR, reason=f"internal error: {exc!r}"))

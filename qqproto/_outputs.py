@@ -215,10 +215,12 @@ class Disconnected(Event):
     """A connection ended.
 
     Attributes:
-        code: the close code (the server's, or ours), or ``None`` when there was no close
-            frame (EOF, abort, a connection that never opened).
+        code: the code of the close frame that ended the connection - the server's, or ours
+            when we closed it (4000 after op 7, for instance) - or ``None`` when there was no
+            close frame (EOF, abort, a connection that never opened).
         reason: why, in words (never a secret, never payload content).
-        by_server: the server (or the network) ended it, not us.
+        by_server: the server (or the network) caused the end: its close, its op 7 or
+            op 9, its silence; ``False`` when the application or a local deadline did.
         next_step: resume, identify or stop.
         reconnect_at: when the next attempt starts (caller's clock), ``None`` when stopping.
     """

@@ -60,6 +60,15 @@ class TokenGrant:
     expires_in: float
 
 
+# Token endpoint error codes (PROTOCOL.md §1.1; from a 2026 issue quoting newer docs).
+_TOKEN_ERRORS = {
+    100001: "too many requests",
+    100007: "app id invalid, or the bot is banned or deleted",
+    100016: "wrong app id or client secret",
+    10004: "the bot does not exist",
+}
+
+
 def parse_expires_in(value: object) -> float:
     """Read ``expires_in`` given as an int, a float or a numeric string (``"7200"``).
 
@@ -98,9 +107,10 @@ def parse_token_response(obj: object) -> TokenGrant:
         raise InvalidResponse("token response is not a JSON object")
     code = obj.get("code")
     if code not in (None, 0, "0"):
-        message = obj.get("message")
-        text = message if isinstance(message, str) else ""
-        raise InvalidResponse(f"token endpoint answered code {code!r}: {text[:200]}")
+        # Name the code, never echo the body: its text is the server's, not ours to log.
+        meaning = _TOKEN_ERRORS.get(code, "unknown error") if type(code) is int else "error"
+        shown = code if type(code) is int else "non-numeric"
+        raise InvalidResponse(f"token endpoint answered error code {shown} ({meaning})")
     token = obj.get("access_token")
     if not isinstance(token, str) or not token:
         raise InvalidResponse("token response has no 'access_token'")

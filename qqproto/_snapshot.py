@@ -7,13 +7,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from qqproto._errors import QQProtoError
-
-if TYPE_CHECKING:
-    from collections.abc import Mapping
 
 __all__ = ["InvalidSnapshot", "SessionSnapshot"]
 
@@ -60,6 +57,8 @@ class SessionSnapshot:
         Raises:
             InvalidSnapshot: a field is missing or has the wrong type.
         """
+        if not isinstance(data, Mapping):
+            raise InvalidSnapshot("snapshot is not a mapping")
         session_id = data.get("session_id")
         seq = data.get("seq")
         shard = data.get("shard")
