@@ -87,7 +87,9 @@ def _stop(meaning: str, hint: str) -> ClosePolicy:
     return ClosePolicy(step=NextStep.STOP, meaning=meaning, hint=hint)
 
 
-_INTERNAL = _identify("server internal error; the session is gone")
+# A session the server failed to create or lost may come with a silently invalidated token
+# (FAILURE_MODES S10): the next attempt asks for a fresh one. It costs one HTTP request.
+_INTERNAL = _identify("server internal error; the session is gone", refresh_token=True)
 _BUG_HINT = (
     "the server rejected a payload qqproto sent; this is a qqproto bug or a protocol change: "
     "please report it with the log"
@@ -129,7 +131,7 @@ UNKNOWN_CLOSE = _resume("closed without a documented QQ code")
 RECONNECT_REQUEST = _resume("server requested a reconnect (op 7)", rotation=True)
 """Policy for op 7."""
 
-INVALID_SESSION = _identify("invalid session (op 9); the session is gone")
+INVALID_SESSION = _identify("invalid session (op 9); the session is gone", refresh_token=True)
 """Policy for op 9 whose ``d`` is not ``true``."""
 
 INVALID_SESSION_RESUMABLE = _resume("invalid session (op 9, resumable)")

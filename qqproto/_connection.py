@@ -489,7 +489,7 @@ class GatewayConnection:
         elif op is Opcode.HELLO:
             self._on_hello(p, state, now)
         elif op is Opcode.HEARTBEAT:
-            self._on_server_heartbeat()
+            self._on_server_heartbeat(now)
         elif op is Opcode.RECONNECT:
             self._leave("recv_reconnect", RECONNECT_REQUEST, RECONNECT_REQUEST.meaning)
         elif op is Opcode.INVALID_SESSION:
@@ -641,13 +641,15 @@ class GatewayConnection:
         self._emit(HelloReceived(heartbeat_interval=interval))
         self._fire("recv_hello", "Hello")
 
-    def _on_server_heartbeat(self) -> None:
+    def _on_server_heartbeat(self, now: float) -> None:
         # Discord's rule, the safe reading of "Send/Receive" in the opcode table: answer at
         # once, without touching the regular schedule or the watchdog.
-        if self._ka is None:
+        ka = self._ka
+        if ka is None:
             self._violation(UnexpectedPayload("heartbeat request before Hello"))
             return
-        self._send_beat()
+        if ka.may_answer(now):
+            self._send_beat()
 
     def _on_invalid_session(self, p: Payload, state: SessionState) -> None:
         if state is _S.AWAITING_HELLO:

@@ -48,6 +48,7 @@ class Keepalive:
         "created_at",
         "interval",
         "last_ack_at",
+        "last_any_beat_at",
         "last_sent_at",
         "next_beat_at",
         "samples",
@@ -60,13 +61,23 @@ class Keepalive:
         self.ack_pending = False
         self.last_sent_at: float | None = None
         self.last_ack_at: float | None = None
+        self.last_any_beat_at = float("-inf")  # scheduled or answering a server op 1
         self.samples: deque[float] = deque(maxlen=samples)
 
     def beat_sent(self, now: float) -> None:
         """Record a scheduled beat sent at ``now`` and schedule the next one."""
         self.ack_pending = True
         self.last_sent_at = now
+        self.last_any_beat_at = now
         self.next_beat_at = now + self.interval
+
+    def may_answer(self, now: float) -> bool:
+        """Whether to answer a server op 1 now: at most one beat per second, so a burst of
+        server requests cannot make us send fast enough to earn a 4008."""
+        if now - self.last_any_beat_at < 1.0:
+            return False
+        self.last_any_beat_at = now
+        return True
 
     def ack_received(self, now: float) -> float | None:
         """Record an ACK; return the latency, or ``None`` for an ACK nobody asked for."""
