@@ -567,13 +567,16 @@ class GatewayConnection:
             self._violation(UnexpectedPayload(f"dispatch {t} before READY or RESUMED"))
             return
         s = p.s
+        event_id = p.id
         if s is not None:
             last = session.seq
-            if last is not None and s <= last:
+            if last is None or s > last:
+                session.seq = s
+            elif event_id is None:
                 self._outputs.append(DuplicateDropped(type=t, seq=s, key="seq"))
                 return
-            session.seq = s
-        event_id = p.id
+            # else: an old seq with an event id - a replay out of order, or a duplicate. The
+            # event id decides below; dropping by seq alone would lose reordered replays.
         if event_id is not None and self._seen_events.check_and_add(event_id, now):
             self._outputs.append(DuplicateDropped(type=t, seq=s, key="event_id"))
             return

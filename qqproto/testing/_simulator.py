@@ -234,7 +234,13 @@ class SimClient:
         for action in backlog:
             action()
             self._flush()
-        self._on_timer(self._timer.generation)
+        # The timer event that fell due during the stall was skipped: arm it again. It runs
+        # now if it is overdue, and not before it is due otherwise.
+        timer = self._timer.at
+        if timer is not None:
+            self._timer.generation += 1
+            generation = self._timer.generation
+            self.sim.at(max(timer, self.sim.now), lambda: self._on_timer(generation))
 
     def _flush(self) -> None:
         """Execute every output, then re-arm the timer: a real driver's loop body."""
