@@ -1,10 +1,14 @@
 # The `qqproto` command line.
 #
-# `qqproto run` is the project's main job. The network driver (anyio + wsproto) is still
-# being built; until it lands, `run` without credentials plays a session against the fake
-# gateway inside the deterministic simulator, on a virtual clock, so a newcomer sees the
-# whole life of a session - Hello, READY, beats with latencies, dispatches, a server
-# rotation (op 7) with its Resume, and a dead link found by the ACK watchdog - in a second.
+# `qqproto run` is the project's main job. With QQBOT_APP_ID and QQBOT_CLIENT_SECRET it keeps
+# a real gateway session alive. Without them it starts the embedded fake gateway on loopback
+# and connects to it over real sockets, so a newcomer sees a live session (Hello, READY,
+# beats with latencies, dispatches, a server rotation with its Resume) within seconds.
+# `qqproto simulate` plays a whole session on the virtual clock instead, including a dead
+# link found by the ACK watchdog, in well under a second. `qqproto fake-gateway` serves the
+# fake gateway alone, for other clients to test against.
+#
+# Every option is a flag and an environment variable (QQBOT_*), flag first.
 """The ``qqproto`` command line."""
 
 from __future__ import annotations
@@ -13,12 +17,16 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from typing import TYPE_CHECKING
 
-from qqproto import SessionConfig, __version__
+import anyio
+
+from qqproto import FatalStop, Intents, SessionConfig, __version__
 from qqproto.testing import FakeGatewayConfig, Simulation
 from qqproto_io._describe import describe_event
+from qqproto_io._http import DEFAULT_API_BASE, DEFAULT_TOKEN_URL, SANDBOX_API_BASE
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -27,13 +35,24 @@ if TYPE_CHECKING:
     from qqproto import Event
     from qqproto.testing import SimClient
 
-__all__ = ["main"]
+__all__ = ["EXIT_CONFIG", "EXIT_FATAL", "EXIT_OK", "EXIT_USAGE", "main"]
+
+EXIT_OK = 0
+"""The session was stopped by the user (SIGINT/SIGTERM) or the demo ended."""
+EXIT_USAGE = 2
+"""Bad command line or environment."""
+EXIT_FATAL = 3
+"""The platform stopped the bot: 4914 (delisted, sandbox only) or 4915 (banned)."""
+EXIT_CONFIG = 4
+"""A fatal close that points at the configuration or a bug: 4001/4002/4010-4014."""
 
 # The life signs a newcomer wants to see, although they are DEBUG-level in a service's log.
 _ALWAYS_SHOWN = frozenset({"dispatch", "heartbeat_ack"})
 
-EXIT_OK = 0
-EXIT_USAGE = 2
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value or default
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,39 +61,205 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"qqproto {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser(
-        "run",
-        help="run a gateway session (without credentials: a demo against the fake gateway)",
-    )
-    run.add_argument(
+
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument(
         "--log-format",
         choices=("text", "json"),
-        default=os.environ.get("QQBOT_LOG_FORMAT", "text"),
+        default=_env("QQBOT_LOG_FORMAT", "text"),
         help="text lines, or one JSON object per event (env QQBOT_LOG_FORMAT)",
     )
-    run.add_argument(
+    output.add_argument(
         "--verbose", "-v", action="store_true", help="also show state changes and duplicates"
     )
-    run.add_argument(
-        "--minutes", type=float, default=16.0, help="demo: virtual minutes to simulate"
+
+    run = commands.add_parser(
+        "run",
+        parents=[output],
+        help="keep a gateway session alive (no credentials: against the embedded fake gateway)",
     )
-    run.add_argument("--seed", type=int, default=1, help="demo: the simulation seed")
+    run.add_argument("--app-id", default=_env("QQBOT_APP_ID"), help="env QQBOT_APP_ID")
+    run.add_argument(
+        "--client-secret",
+        default=_env("QQBOT_CLIENT_SECRET"),
+        help="env QQBOT_CLIENT_SECRET (prefer the environment: flags show in `ps`)",
+    )
+    run.add_argument(
+        "--api-base", default=_env("QQBOT_API_BASE"), help="REST base (env QQBOT_API_BASE)"
+    )
+    run.add_argument(
+        "--token-url",
+        default=_env("QQBOT_TOKEN_URL", DEFAULT_TOKEN_URL),
+        help="token endpoint (env QQBOT_TOKEN_URL)",
+    )
+    run.add_argument(
+        "--sandbox",
+        action="store_true",
+        default=_env("QQBOT_SANDBOX", "") not in ("", "0", "false"),
+        help="use the sandbox REST base (env QQBOT_SANDBOX=1)",
+    )
+    run.add_argument(
+        "--intents",
+        default=_env("QQBOT_INTENTS", "DEFAULT"),
+        help="names joined by | or , (GUILDS|GROUP_AND_C2C_EVENT) or an int (env QQBOT_INTENTS)",
+    )
+    run.add_argument(
+        "--shard", default=_env("QQBOT_SHARD", "0,1"), help="ID,COUNT (env QQBOT_SHARD)"
+    )
+    run.add_argument(
+        "--proxy",
+        default=_env("QQBOT_PROXY"),
+        help="http:// CONNECT proxy (env QQBOT_PROXY; default HTTPS_PROXY/ALL_PROXY)",
+    )
+    run.add_argument(
+        "--snapshot",
+        default=_env("QQBOT_SNAPSHOT"),
+        help="file to resume the session from after a restart (env QQBOT_SNAPSHOT)",
+    )
+    run.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="stop after this many seconds (default: run until SIGINT/SIGTERM)",
+    )
+
+    simulate = commands.add_parser(
+        "simulate",
+        parents=[output],
+        help="play a session against the fake gateway on a virtual clock (instant)",
+    )
+    simulate.add_argument("--minutes", type=float, default=16.0, help="virtual minutes")
+    simulate.add_argument("--seed", type=int, default=1, help="the simulation seed")
+
+    fake = commands.add_parser("fake-gateway", help="serve the fake gateway on loopback")
+    fake.add_argument("--port", type=int, default=0, help="TCP port (default: any free one)")
+    fake.add_argument("--hello-interval", type=float, default=41.25, help="seconds")
+    fake.add_argument("--rotate-every", type=float, default=None, help="op 7 every N seconds")
+    fake.add_argument("--message-every", type=float, default=5.0, help="a message every N s")
+    fake.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Faults switch to turn on (no_ack, silent, ignore_close, ...); repeatable",
+    )
+    fake.add_argument("--seed", type=int, default=0)
     return parser
 
 
-def _emit(out: TextIO, log_format: str, verbose: bool, now: float, event: Event) -> None:
-    desc = describe_event(event)
-    if desc.level < logging.INFO and not verbose and desc.name not in _ALWAYS_SHOWN:
-        return
-    if log_format == "json":
-        record = {"t": round(now, 3), "event": desc.name, "level": logging.getLevelName(desc.level)}
-        record.update(desc.fields)
-        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+class _Printer:
+    """Writes events as text lines or JSON objects (schema: docs/cli.md)."""
+
+    def __init__(self, out: TextIO, log_format: str, *, verbose: bool, shard: int = 0) -> None:
+        self.out = out
+        self.json = log_format == "json"
+        self.verbose = verbose
+        self.shard = shard
+        self.state = "IDLE"
+
+    def __call__(self, now: float, event: Event) -> None:
+        desc = describe_event(event)
+        if desc.name == "state":
+            self.state = str(desc.fields["new"])
+        if desc.level < logging.INFO and not self.verbose and desc.name not in _ALWAYS_SHOWN:
+            return
+        level = logging.getLevelName(desc.level)
+        if self.json:
+            record: dict[str, object] = {"t": round(now, 3), "event": desc.name, "level": level}
+            record.update(state=self.state, shard=self.shard)
+            record.update(desc.fields)
+            self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            self.out.write(f"[{now:9.3f}s] {level:<7} {desc.message}\n")
+        self.out.flush()
+
+    def say(self, text: str) -> None:
+        if not self.json:
+            self.out.write(text + "\n")
+            self.out.flush()
+
+
+# ------------------------------------------------------------------------------- run
+
+
+def _session_config(args: argparse.Namespace) -> SessionConfig:
+    shard_id, _, count = str(args.shard).partition(",")
+    return SessionConfig(
+        intents=Intents.parse(str(args.intents)), shard=(int(shard_id), int(count or 1))
+    )
+
+
+def _exit_code(fatal: FatalStop | None) -> int:
+    if fatal is None:
+        return EXIT_OK
+    return EXIT_FATAL if fatal.code in (4914, 4915) else EXIT_CONFIG
+
+
+async def _run(args: argparse.Namespace, out: TextIO) -> int:
+    from qqproto_io._client import GatewayClient  # noqa: PLC0415 - keeps `--help` fast
+    from qqproto_io._fake_server import FakeGatewayServer  # noqa: PLC0415
+
+    config = _session_config(args)
+    printer = _Printer(out, args.log_format, verbose=args.verbose, shard=config.shard[0])
+    fatal: FatalStop | None = None
+    start = anyio.current_time()
+
+    async def session(app_id: str, secret: str, api_base: str, token_url: str) -> None:
+        nonlocal fatal
+        client = GatewayClient(
+            app_id=app_id,
+            client_secret=secret,
+            config=config,
+            api_base=api_base,
+            token_url=token_url,
+            proxy=args.proxy,
+            snapshot_path=args.snapshot,
+        )
+        async with anyio.create_task_group() as tg, client:
+
+            async def stop_on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        printer.say("stopping: closing the session (it stays resumable)")
+                        await client.close()
+                        return
+
+            async def stop_after(seconds: float) -> None:
+                await anyio.sleep(seconds)
+                await client.close()
+
+            tg.start_soon(stop_on_signal)
+            if args.seconds is not None:
+                tg.start_soon(stop_after, args.seconds)
+            async for event in client:
+                printer(anyio.current_time() - start, event)
+                if isinstance(event, FatalStop):
+                    fatal = event
+            tg.cancel_scope.cancel()
+
+    if args.app_id and args.client_secret:
+        api_base = args.api_base or (SANDBOX_API_BASE if args.sandbox else DEFAULT_API_BASE)
+        await session(args.app_id, args.client_secret, api_base, args.token_url)
     else:
-        out.write(f"[{now:9.3f}s] {logging.getLevelName(desc.level):<7} {desc.message}\n")
+        printer.say(
+            "qqproto: no QQBOT_APP_ID/QQBOT_CLIENT_SECRET, so this session runs against the "
+            "embedded fake gateway on loopback (a message every 5 s, a rotation every 60 s).\n"
+            "Stop with Ctrl-C. Set the two variables to connect to the real QQ gateway.\n"
+        )
+        gateway = FakeGatewayConfig(hello_interval_ms=5_000, rotate_every=60.0)
+        async with FakeGatewayServer(gateway, message_interval=5.0) as server:
+            cfg = server.gateway.config
+            await session(cfg.app_id, cfg.client_secret, server.http_base, server.token_url)
+    if fatal is not None:
+        sys.stderr.write(f"qqproto: stopped by the gateway: {fatal.code} {fatal.reason}\n")
+        sys.stderr.write(f"qqproto: {fatal.hint}\n")
+    return _exit_code(fatal)
 
 
-def run_demo(minutes: float, seed: int, log_format: str, verbose: bool, out: TextIO) -> int:
+# -------------------------------------------------------------------------- simulate
+
+
+def run_simulation(minutes: float, seed: int, printer: _Printer) -> int:
     """Play a session against the fake gateway on a virtual clock and print its events."""
     # A short heartbeat and rotation so that the interesting moments fit in a few minutes.
     gateway = FakeGatewayConfig(hello_interval_ms=20_000, rotate_every=300.0)
@@ -82,48 +267,84 @@ def run_demo(minutes: float, seed: int, log_format: str, verbose: bool, out: Tex
     client = sim.add_client(SessionConfig())
 
     def show(_client: SimClient, now: float, event: Event) -> None:
-        _emit(out, log_format, verbose, now, event)
+        printer(now, event)
 
     client.on_event = show
-    if log_format == "text":
-        out.write(
-            "qqproto demo: no QQBOT_APP_ID/QQBOT_CLIENT_SECRET given, so this session runs "
-            "against the embedded fake gateway on a virtual clock.\n"
-            "Script: a message every 15 s, a server rotation (op 7) every 5 min, and at "
-            "minute 12 the link turns half-open (bytes vanish, no FIN).\n\n"
-        )
+    printer.say(
+        "qqproto simulate: a session against the fake gateway on a virtual clock.\n"
+        "Script: a message every 15 s, a server rotation (op 7) every 5 min, and at "
+        "minute 12 the link turns half-open (bytes vanish, no FIN).\n"
+    )
     client.start()
     sim.messages_every(15.0, start=10.0)
     sim.at(720.0, lambda: sim.half_open(client))
     sim.run_until(minutes * 60.0)
     ids = [d.event_id for d in client.dispatches]
     once = "each exactly once" if len(ids) == len(set(ids)) else "SOME TWICE"
-    if log_format == "text":
-        out.write(
-            f"\n{minutes:g} virtual minutes: the gateway sent {sim.gateway.dispatched} "
-            f"messages; {len(ids)} were delivered, {once} (any missing one was still in "
-            "flight when the run ended).\n"
-        )
+    printer.say(
+        f"\n{minutes:g} virtual minutes: the gateway sent {sim.gateway.dispatched} messages; "
+        f"{len(ids)} were delivered, {once} (a missing one was still in flight at the end)."
+    )
     return EXIT_OK
+
+
+# ----------------------------------------------------------------------- fake-gateway
+
+
+async def _serve_fake(args: argparse.Namespace, out: TextIO) -> int:
+    from qqproto_io._fake_server import FakeGatewayServer  # noqa: PLC0415
+
+    config = FakeGatewayConfig(
+        hello_interval_ms=round(args.hello_interval * 1000), rotate_every=args.rotate_every
+    )
+    async with FakeGatewayServer(
+        config, seed=args.seed, port=args.port, message_interval=args.message_every
+    ) as server:
+        for name in args.fault:
+            if not hasattr(server.gateway.faults, name):
+                sys.stderr.write(f"qqproto: unknown fault {name!r}\n")
+                return EXIT_USAGE
+            setattr(server.gateway.faults, name, True)
+        out.write(
+            f"fake QQ gateway on loopback\n"
+            f"  QQBOT_API_BASE={server.http_base}\n"
+            f"  QQBOT_TOKEN_URL={server.token_url}\n"
+            f"  QQBOT_APP_ID={config.app_id}\n"
+            f"  QQBOT_CLIENT_SECRET={config.client_secret}   (a fake; not a secret)\n"
+            f"  gateway: {server.ws_url}\n"
+        )
+        out.flush()
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                break
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------ main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qqproto`` console script."""
     args = _parser().parse_args(argv)
-    if args.command == "run":
-        if os.environ.get("QQBOT_APP_ID") and os.environ.get("QQBOT_CLIENT_SECRET"):
-            sys.stderr.write(
-                "qqproto run: connecting to the real QQ gateway needs the network driver, "
-                "which is not built yet (issue 6). Unset QQBOT_APP_ID to see the demo.\n"
-            )
-            return EXIT_USAGE
+    out = sys.stdout
+    try:
+        if args.command == "simulate":
+            printer = _Printer(out, args.log_format, verbose=args.verbose)
+            return run_simulation(args.minutes, args.seed, printer)
+        if args.command == "fake-gateway":
+            return anyio.run(_serve_fake, args, out)
         try:
-            return run_demo(args.minutes, args.seed, args.log_format, args.verbose, sys.stdout)
-        except BrokenPipeError:
-            # `qqproto run | head`: the reader left. Silence the flush at exit, too.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return EXIT_OK
-    return EXIT_USAGE  # pragma: no cover - argparse rejects unknown commands
+            _session_config(args)
+        except ValueError as exc:
+            sys.stderr.write(f"qqproto: {exc}\n")
+            return EXIT_USAGE
+        return anyio.run(_run, args, out)
+    except BrokenPipeError:
+        # `qqproto run | head`: the reader left. Silence the flush at exit, too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def describe_event(event: Event) -> Description:
     if isinstance(event, Disconnected):
         return Description(
             "disconnected",
-            info if event.next_step.value != "stop" else warning,
+            warning if event.next_step.value == "stop" and event.by_server else info,
             f"disconnected ({event.code}): {event.reason}; next: {event.next_step.value}",
             {
                 "code": event.code,
