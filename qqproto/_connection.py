@@ -24,8 +24,7 @@
 from __future__ import annotations
 
 import functools
-import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Concatenate, Literal, ParamSpec, TypeVar
 
 from transitions import MachineError
@@ -107,6 +106,9 @@ _LINKED = frozenset({_S.AWAITING_HELLO, _S.IDENTIFYING, _S.RESUMING, _S.READY})
 _WINDING_DOWN = frozenset({_S.ZOMBIE, _S.CLOSING})
 _DELIVERING = frozenset({_S.RESUMING, _S.READY, _S.ZOMBIE, _S.CLOSING})
 _TIMER_LOOP_BOUND = 16
+# A Hello interval above an hour is a broken server, not a schedule (QQ sends ~41-45 s).
+_MAX_HELLO_INTERVAL_MS = 3_600_000
+_MAX_SEQ_GAPS = 1000
 # Beyond 2**40 s (35,000 years) float seconds lose sub-millisecond resolution; such a `now`
 # is a unit bug in the caller (nanoseconds?), not a time.
 _MAX_TIME = float(2**40)
@@ -119,6 +121,9 @@ _R = TypeVar("_R")
 class _Session:
     id: str
     seq: int | None
+    # Seqs skipped over by a jump (a replay arriving out of order): only these may still be
+    # delivered below `seq`. Empty in the usual, in-order case; bounded by _MAX_SEQ_GAPS.
+    gaps: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +203,7 @@ class GatewayConnection:
         self._config = cfg
         self._rng = rng
         self._outputs: list[Output] = []
-        self._now = float("-inf")
+        self._now = -_MAX_TIME
         self._broken: BaseException | None = None
         self._end_session = False
         self._deadline: float | None = None
@@ -401,14 +406,27 @@ class GatewayConnection:
             self._advance_preparing(now)
 
     @_api
-    def request_failed(self, reason: str, now: float) -> None:
+    def request_failed(
+        self,
+        reason: str,
+        now: float,
+        *,
+        request: Literal["token", "gateway"] | None = None,
+    ) -> None:
         """The token or gateway request the core asked for failed (HTTP error, timeout...).
 
-        ``reason`` goes into events and logs: it must not hold a secret. A failure that
-        arrives when no request is awaited is ignored.
+        Args:
+            reason: goes into events and logs: it must not hold a secret.
+            now: the caller's clock.
+            request: which request failed. Pass it: a late failure of an abandoned request
+                (``"gateway"`` while the core now waits for a token) is then ignored.
+
+        A failure that arrives when no request is awaited is ignored.
         """
         now = self._clock(now)
         what = self._awaiting
+        if request is not None and request != what:
+            return
         if self._model.state is _S.PREPARING and what in ("token", "gateway"):
             self._exit = _Exit(
                 REQUEST_FAILED, None, f"{what} request failed: {reason}", by_server=True
@@ -571,12 +589,14 @@ class GatewayConnection:
         if s is not None:
             last = session.seq
             if last is None or s > last:
+                if last is not None and s > last + 1:
+                    session.gaps.update(range(max(last + 1, s - _MAX_SEQ_GAPS), s))
                 session.seq = s
-            elif event_id is None:
+            elif s in session.gaps:
+                session.gaps.discard(s)  # a replay out of order: late, but not lost
+            else:
                 self._outputs.append(DuplicateDropped(type=t, seq=s, key="seq"))
                 return
-            # else: an old seq with an event id - a replay out of order, or a duplicate. The
-            # event id decides below; dropping by seq alone would lose reordered replays.
         if event_id is not None and self._seen_events.check_and_add(event_id, now):
             self._outputs.append(DuplicateDropped(type=t, seq=s, key="event_id"))
             return
@@ -631,9 +651,14 @@ class GatewayConnection:
     def _on_hello(self, p: Payload, state: SessionState, now: float) -> None:
         d = p.d
         raw = d.get("heartbeat_interval") if isinstance(d, dict) else None
-        if not isinstance(raw, int | float) or isinstance(raw, bool) or not raw > 0:
+        if (
+            not isinstance(raw, int | float)
+            or isinstance(raw, bool)
+            or not 0 < raw <= _MAX_HELLO_INTERVAL_MS
+        ):
+            # The deadline for Hello then recovers (reconnect), as for a missing Hello.
             self._violation(
-                InvalidEnvelope("Hello without a positive 'heartbeat_interval'", field="d")
+                InvalidEnvelope("Hello 'heartbeat_interval' missing or out of range", field="d")
             )
             return
         if state is not _S.AWAITING_HELLO:
@@ -948,7 +973,7 @@ class GatewayConnection:
         if self._now <= now <= _MAX_TIME:
             self._now = now
             return now
-        if math.isnan(now) or now > _MAX_TIME:
+        if not -_MAX_TIME <= now <= _MAX_TIME:  # NaN fails every comparison
             raise LocalProtocolError(f"now={now} is not a monotonic clock reading in seconds")
         return self._now
 

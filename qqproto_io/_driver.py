@@ -215,7 +215,9 @@ class ShardDriver:
             grant = await self._tokens.get(force=force)
         except HttpFailure as exc:
             reason = str(exc)
-            await self._inbox.send(lambda now: self.conn.request_failed(reason, now))
+            await self._inbox.send(
+                lambda now: self.conn.request_failed(reason, now, request="token")
+            )
             return
         await self._inbox.send(
             lambda now: self.conn.provide_token(grant.token, grant.expires_in, now)
@@ -227,7 +229,9 @@ class ShardDriver:
             info = await self._api.fetch_gateway(token)
         except HttpFailure as exc:
             reason = str(exc)
-            await self._inbox.send(lambda now: self.conn.request_failed(reason, now))
+            await self._inbox.send(
+                lambda now: self.conn.request_failed(reason, now, request="gateway")
+            )
             return
         await self._inbox.send(
             lambda now: self.conn.provide_gateway(

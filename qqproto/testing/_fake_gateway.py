@@ -358,7 +358,9 @@ class ServerConnection:
         if self.closed:
             return
         cfg = self.gateway.config
-        if cfg.heartbeat_timeout is not None and now - self.last_beat_at >= cfg.heartbeat_timeout:
+        # Compare with the very sum get_timer() returned: `now - last >= timeout` can fall
+        # short by one ulp and re-arm the same instant forever.
+        if cfg.heartbeat_timeout is not None and now >= self.last_beat_at + cfg.heartbeat_timeout:
             self.drop(now)
             return
         if self.reconnect_sent_at is not None and now >= self.reconnect_sent_at + 1.0:
@@ -425,13 +427,16 @@ class FakeGateway:
             current = _Token(value, now + cfg.token_ttl)
             self.tokens.append(current)
         # expires_in arrives as a string, as the real endpoint sends it.
-        remaining = max(0, int(current.expires_at - now))
+        remaining = max(0, round(current.expires_at - now))
         return HttpReply(200, {"access_token": current.value, "expires_in": str(remaining)})
 
     def gateway_request(self, authorization: str | None, now: float, *, bot: bool) -> HttpReply:
         """``GET /gateway`` (``bot=False``) or ``GET /gateway/bot`` with its auth header."""
-        token = authorization.removeprefix("QQBot ") if authorization else None
-        if token is None or not self._token_ok(token, now):
+        # The prefix is required, as on the real platform: a driver that forgets it must fail.
+        if not authorization or not authorization.startswith("QQBot "):
+            return HttpReply(401, {"code": 11244, "message": "token not exist or expire"})
+        token = authorization.removeprefix("QQBot ")
+        if not self._token_ok(token, now):
             return HttpReply(401, {"code": 11244, "message": "token not exist or expire"})
         body: dict[str, JSONValue] = {"url": self.config.url}
         if bot:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import heapq
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from qqproto._connection import GatewayConnection
 from qqproto._errors import RemoteProtocolError
@@ -38,6 +38,7 @@ from qqproto._outputs import (
     SendPayload,
 )
 from qqproto._rest import parse_gateway_response, parse_token_response
+from qqproto._states import SessionState
 from qqproto.testing._fake_gateway import (
     FakeGateway,
     FakeGatewayConfig,
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
     from qqproto._snapshot import SessionSnapshot
 
 __all__ = ["Link", "SimClient", "Simulation", "TraceEntry"]
+
+_CONNECTING = SessionState.CONNECTING
 
 _RETRANSMIT_TIMEOUT = 1.0
 
@@ -169,6 +172,7 @@ class SimClient:
             config, rng=random.Random(sim.rng.getrandbits(64)), snapshot=snapshot
         )
         self.events: list[tuple[float, Event]] = []
+        self.delivered = 0  # dispatches delivered while `record` is off
         self.dispatches: list[Dispatch] = []
         self.snapshot: SessionSnapshot | None = snapshot
         self.on_event: Callable[[SimClient, float, Event], None] | None = None
@@ -182,6 +186,8 @@ class SimClient:
         self.http_down = False  # every token/gateway request fails
         self.http_hang = False  # every token/gateway request never answers
         self.network_down = False  # every OpenConnection fails after the latency
+        self.dead = False  # killed by restart(): whatever it had asked for is abandoned
+        self.record = sim.record  # keep events and dispatches (off for long benchmarks)
 
     # -------------------------------------------------------------------- control
 
@@ -204,6 +210,7 @@ class SimClient:
             self._lose_link(link)
         self._timer.generation += 1
         self.stalled_until = float("inf")  # the old process is dead for good
+        self.dead = True
         new = self.sim.add_client(
             self.config,
             snapshot=self.snapshot,
@@ -274,9 +281,12 @@ class SimClient:
 
     def _on_event(self, event: Event) -> None:
         now = self.sim.now
-        self.events.append((now, event))
-        if isinstance(event, Dispatch):
-            self.dispatches.append(event)
+        if self.record:
+            self.events.append((now, event))
+            if isinstance(event, Dispatch):
+                self.dispatches.append(event)
+        elif isinstance(event, Dispatch):
+            self.delivered += 1
         if self.sim.trace is not None:
             self.sim.trace_add(self.name, "event", repr(event))
         if self.on_event is not None:
@@ -330,10 +340,14 @@ class SimClient:
             return
         latency = sim.http_latency
 
+        what: Literal["token", "gateway"] = (
+            "token" if isinstance(command, FetchToken) else "gateway"
+        )
+
         def answer() -> None:
             now = sim.now
             if self.http_down:
-                self.conn.request_failed("HTTP 503 (simulated outage)", now)
+                self.conn.request_failed("HTTP 503 (simulated outage)", now, request=what)
                 return
             gw = sim.gateway
             try:
@@ -347,14 +361,14 @@ class SimClient:
                     auth = f"QQBot {self._token}" if self._token else None
                     reply = gw.gateway_request(auth, now, bot=True)
                     if reply.status != 200:
-                        self.conn.request_failed(f"HTTP {reply.status}", now)
+                        self.conn.request_failed(f"HTTP {reply.status}", now, request=what)
                         return
                     info = parse_gateway_response(reply.body)
                     self.conn.provide_gateway(
                         info.url, now, session_start_limit=info.session_start_limit
                     )
             except RemoteProtocolError as err:
-                self.conn.request_failed(str(err), now)
+                self.conn.request_failed(str(err), now, request=what)
 
         sim.at(sim.now + latency, lambda: self._input(answer))
 
@@ -369,8 +383,16 @@ class SimClient:
             sim.at(now + latency, lambda: self._input(fail))
             return
 
+        attempt = len(self.opens)
+
         def accept() -> None:
             server = sim.gateway.accept(sim.now)
+            if self.dead or attempt != len(self.opens) or self.conn.state is not _CONNECTING:
+                # The attempt was abandoned (process killed, attempt aborted) while the SYN
+                # was on its way: the client's kernel resets the connection.
+                server.client_closed(None, sim.now)
+                sim.flush_server(server)
+                return
             link = Link(self, server, latency, jitter=sim.jitter, loss=sim.loss, rng=sim.rng)
             sim.links[server] = link
             self.links.append(link)
@@ -393,6 +415,9 @@ class Simulation:
         loss: probability that a message needs a retransmission (1 s more; order is kept).
         http_latency: delay of each HTTP answer.
         trace: keep a trace (turn off for long benchmark runs).
+        record: keep every client's events and dispatches in ``events``/``dispatches``
+            (turn off for long runs: a day of dispatches is most of the memory and a sixth
+            of the time, in garbage collection); ``delivered`` still counts dispatches.
     """
 
     def __init__(
@@ -405,7 +430,9 @@ class Simulation:
         loss: float = 0.0,
         http_latency: float = 0.05,
         trace: bool = True,
+        record: bool = True,
     ) -> None:
+        self.record = record
         self.rng = random.Random(seed)
         self.now = 0.0
         self.latency = latency
