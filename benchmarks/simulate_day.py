@@ -48,7 +48,7 @@ def simulate(hours: float, seed: int = SEED) -> Outcome:
     """Run the day scenario for ``hours`` virtual hours."""
     end = hours * 3600.0
     gateway = FakeGatewayConfig(hello_interval_ms=INTERVAL_MS, rotate_every=ROTATE_EVERY)
-    sim = Simulation(seed=seed, gateway=gateway, trace=False)
+    sim = Simulation(seed=seed, gateway=gateway, trace=False, record=False)
     client = sim.add_client()
     client.start()
     sim.messages_every(1.0, start=1.0)
@@ -56,7 +56,7 @@ def simulate(hours: float, seed: int = SEED) -> Outcome:
     sim.run_until(end)
     return Outcome(
         virtual_seconds=end,
-        delivered=len(client.dispatches),
+        delivered=client.delivered,
         produced=sim.gateway.dispatched,
         resumes=len(sim.gateway.resumes),
         identifies=len(sim.gateway.identifies),
