@@ -215,3 +215,23 @@ class Driver:
 
     def persisted(self) -> list[SessionSnapshot | None]:
         return [o.snapshot for o in self.of(PersistSnapshot)]
+
+
+def advance_to(drv: Driver, t: float) -> None:
+    """Like Driver.advance, but to an absolute time (no float drift from `now + (t - now)`)."""
+    while True:
+        timer = drv.conn.get_timer()
+        if timer is None or timer > t:
+            break
+        drv.now = max(drv.now, timer)
+        drv.conn.handle_timer(drv.now)
+        drv.pump()
+    drv.now = t
+
+
+def jump(drv: Driver) -> float:
+    """Jump to the next timer, run it, and return its deadline."""
+    due = drv.conn.get_timer()
+    assert due is not None, "no timer is set"
+    advance_to(drv, due)
+    return due

@@ -51,7 +51,7 @@ from qqproto import (
     parse_token_response,
 )
 from qqproto._backoff import backoff_window
-from tests.helpers import TOKEN, Driver
+from tests.helpers import TOKEN, Driver, advance_to, jump
 
 S = SessionState
 HEARTBEATING = {S.IDENTIFYING, S.RESUMING, S.READY}
@@ -61,25 +61,6 @@ OP_RESUME = 6
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def advance_to(drv: Driver, t: float) -> None:
-    """Like Driver.advance, but to an absolute time (no float drift)."""
-    while True:
-        timer = drv.conn.get_timer()
-        if timer is None or timer > t:
-            break
-        drv.now = max(drv.now, timer)
-        drv.conn.handle_timer(drv.now)
-        drv.pump()
-    drv.now = t
-
-
-def jump(drv: Driver) -> float:
-    due = drv.conn.get_timer()
-    assert due is not None, "no timer is set"
-    advance_to(drv, due)
-    return due
 
 
 def keep_alive(drv: Driver, until: float) -> None:

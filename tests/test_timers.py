@@ -39,7 +39,7 @@ from qqproto import (
     StateChanged,
     ZombieDetected,
 )
-from tests.helpers import TOKEN, Driver
+from tests.helpers import TOKEN, Driver, advance_to, jump
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -52,26 +52,6 @@ OP_RESUME = 6
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def advance_to(drv: Driver, t: float) -> None:
-    """Like Driver.advance, but to an absolute time (no float drift from `now + (t - now)`)."""
-    while True:
-        timer = drv.conn.get_timer()
-        if timer is None or timer > t:
-            break
-        drv.now = max(drv.now, timer)
-        drv.conn.handle_timer(drv.now)
-        drv.pump()
-    drv.now = t
-
-
-def jump(drv: Driver) -> float:
-    """Jump to the next timer, run it, and return its deadline."""
-    due = drv.conn.get_timer()
-    assert due is not None, "no timer is set"
-    advance_to(drv, due)
-    return due
 
 
 def beats(drv: Driver) -> list[tuple[float, object]]:

@@ -225,14 +225,20 @@ class ServerConnection:
 
     # ---------------------------------------------------------------------- handlers
 
+    def _authenticated(self, d: JSONValue, now: float) -> bool:
+        """The checks Identify and Resume share; closes the connection when one fails."""
+        if self.session is not None:
+            self._close(4005, "already authenticated", now)
+            return False
+        if not isinstance(d, dict) or not self.gateway.token_valid(d.get("token"), now):
+            self._close(4004, "authentication failed", now)
+            return False
+        return True
+
     def _on_identify(self, d: JSONValue, now: float) -> None:
         gw = self.gateway
         faults = gw.faults
-        if self.session is not None:
-            self._close(4005, "already authenticated", now)
-            return
-        if not isinstance(d, dict) or not gw.token_valid(d.get("token"), now):
-            self._close(4004, "authentication failed", now)
+        if not self._authenticated(d, now) or not isinstance(d, dict):
             return
         if faults.identify_close is not None:
             self._close(faults.identify_close, "identify rejected", now)
@@ -271,11 +277,7 @@ class ServerConnection:
     def _on_resume(self, d: JSONValue, now: float) -> None:
         gw = self.gateway
         faults = gw.faults
-        if self.session is not None:
-            self._close(4005, "already authenticated", now)
-            return
-        if not isinstance(d, dict) or not gw.token_valid(d.get("token"), now):
-            self._close(4004, "authentication failed", now)
+        if not self._authenticated(d, now) or not isinstance(d, dict):
             return
         gw.resumes.append(now)
         if faults.resume_close is not None:

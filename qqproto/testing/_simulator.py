@@ -59,6 +59,9 @@ __all__ = ["Link", "SimClient", "Simulation", "TraceEntry"]
 _CONNECTING = SessionState.CONNECTING
 
 _RETRANSMIT_TIMEOUT = 1.0
+# More actions than this at one virtual instant is a livelock, not a busy moment: 100 shards
+# starting together schedule a few thousand.
+_LIVELOCK_BOUND = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,8 +474,16 @@ class Simulation:
     def run_until(self, end: float) -> None:
         """Process everything scheduled up to and including ``end``; then now == ``end``."""
         queue = self._queue
+        same_instant = 0
         while queue and queue[0][0] <= end:
             when, _, action = heapq.heappop(queue)
+            if when == self.now:
+                same_instant += 1
+                if same_instant > _LIVELOCK_BOUND:
+                    # Work that never lets virtual time advance would hang the test run.
+                    raise RuntimeError(f"simulation livelock at t={when:.3f}")
+            else:
+                same_instant = 0
             self.now = when
             action()
         self.now = max(self.now, end)
