@@ -34,7 +34,7 @@ from qqproto._errors import (
     UnexpectedPayload,
     UnknownOpcode,
 )
-from qqproto._heartbeat import Latency
+from qqproto._heartbeat import Health, Latency
 from qqproto._outputs import (
     AbortTransport,
     CloseConnection,
@@ -92,6 +92,7 @@ __all__ = [
     "FetchToken",
     "GatewayConnection",
     "GatewayInfo",
+    "Health",
     "HeartbeatAcknowledged",
     "HelloReceived",
     "Intents",

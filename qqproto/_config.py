@@ -120,6 +120,9 @@ class SessionConfig:
         dedup_event_types: event types whose ``d.id`` is a message id to deduplicate by.
         storm_window: a connection that ends within this long of opening is a quick disconnect.
         storm_threshold: quick disconnects in a row that raise a ``DisconnectStorm``. 3.
+        liveness_budget: how long a connection may be without a live session (reconnecting,
+            or READY without ACKs) before :meth:`GatewayConnection.health` calls it stuck,
+            so that a supervisor restarts the process. 300 s: five backoff caps.
         keep_session_close_code: close code we send when we want to Resume afterwards. 4000,
             as twilight and discord.py do: never 1000/1001, which may end the session.
     """
@@ -146,6 +149,7 @@ class SessionConfig:
     dedup_event_types: frozenset[str] = _MESSAGE_EVENT_TYPES
     storm_window: float = 10.0
     storm_threshold: int = 3
+    liveness_budget: float = 300.0
     keep_session_close_code: int = 4000
 
     def __post_init__(self) -> None:

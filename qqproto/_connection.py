@@ -62,7 +62,7 @@ from qqproto._errors import (
     RemoteProtocolError,
     UnexpectedPayload,
 )
-from qqproto._heartbeat import Keepalive, Latency
+from qqproto._heartbeat import Health, Keepalive, Latency
 from qqproto._outputs import (
     AbortTransport,
     CloseConnection,
@@ -232,6 +232,8 @@ class GatewayConnection:
         self._opened_at: float | None = None
         self._up_since: float | None = None
         self._alive_at: float | None = None  # last sign of life from the server
+        self._live_at: float | None = None  # last time health() found the session ready
+        self._started_at = 0.0
         self._sent_resume = False
         self._replayed = 0
         # Across connections.
@@ -302,6 +304,36 @@ class GatewayConnection:
         """Failed attempts since the session last stayed up; drives the backoff window."""
         return self._failures
 
+    def health(self, now: float) -> Health:
+        """Is this connection doing its job? A pure verdict for supervisors.
+
+        Ready means READY with an ACK (or the Hello) no older than two heartbeat intervals
+        plus the close bound: the ACK watchdog's own worst case. Live means ready, or not
+        ready for less than ``liveness_budget`` (a bounded reconnect in progress). STOPPED
+        and ERROR are never live.
+        """
+        state = self._model.state
+        ka = self._ka
+        ack_age = ka.since_last_ack(now) if ka is not None else None
+        ready = False
+        if state is _S.READY and ka is not None and ack_age is not None:
+            ready = ack_age <= 2 * ka.interval + self._config.close_timeout
+        since = None if self._live_at is None or ready else max(0.0, now - self._live_at)
+        if state in (_S.STOPPED, _S.ERROR):
+            return Health(
+                live=False,
+                ready=False,
+                reason=f"connection {state.name}",
+                since_live=since,
+                last_ack_age=ack_age,
+            )
+        if ready:
+            return Health(live=True, ready=True, reason="", since_live=since, last_ack_age=ack_age)
+        waited = now - (self._live_at if self._live_at is not None else self._started_at)
+        live = waited <= self._config.liveness_budget
+        reason = f"{state.name} for {waited:.0f} s" if state is not _S.READY else "ACKs late"
+        return Health(live=live, ready=False, reason=reason, since_live=since, last_ack_age=ack_age)
+
     def snapshot(self) -> SessionSnapshot | None:
         """The session as a snapshot stamped with the last ``now`` seen, or ``None``."""
         s = self._session
@@ -342,7 +374,7 @@ class GatewayConnection:
         Raises:
             LocalProtocolError: not in IDLE.
         """
-        self._clock(now)
+        self._started_at = self._clock(now)
         self._fire_or_raise("start", "started by the application")
 
     @_api
@@ -644,6 +676,8 @@ class GatewayConnection:
         latency = ka.ack_received(now)
         if latency is None:
             return  # an ACK nobody asked for (answer to a server op 1, or a late duplicate)
+        if self._model.state is _S.READY:
+            self._live_at = now  # the evidence health() judges by
         samples = ka.samples
         self._emit(HeartbeatAcknowledged(latency=latency, mean_latency=sum(samples) / len(samples)))
         self._persist(now)
@@ -833,6 +867,7 @@ class GatewayConnection:
     def _enter_ready(self, now: float) -> None:
         self._deadline = None
         self._up_since = now
+        self._live_at = now
 
     def _enter_closing(self, now: float) -> None:
         # ZOMBIE and CLOSING: the keepalive dies with the connection; no beat can follow.

@@ -24,7 +24,28 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import random
 
-__all__ = ["Keepalive", "Latency"]
+__all__ = ["Health", "Keepalive", "Latency"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Health:
+    """The truth about one connection, for supervisors (systemd watchdog, readiness probes).
+
+    Attributes:
+        live: the session is READY with recent ACKs, or it is reconnecting and has been for
+            less than ``liveness_budget``. ``False`` means a restart might help.
+        ready: READY with an ACK (or Hello) within two heartbeat intervals.
+        reason: why not, in words (``""`` when ready).
+        since_live: seconds since the last evidence of a ready session (READY, or an ACK in
+            READY); ``None`` when ready now, or never ready.
+        last_ack_age: seconds since the last ACK on this connection, or ``None``.
+    """
+
+    live: bool
+    ready: bool
+    reason: str
+    since_live: float | None
+    last_ack_age: float | None
 
 
 @dataclass(frozen=True, slots=True)
