@@ -115,6 +115,10 @@ class ShardDriver:
     async def run(self) -> None:
         """Run until the connection is STOPPED (or ERROR, which re-raises its cause)."""
         conn = self.conn
+        with self._inbox, self._inbox_receive:
+            await self._loop(conn)
+
+    async def _loop(self, conn: GatewayConnection) -> None:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             conn.start(anyio.current_time())

@@ -201,6 +201,8 @@ class Transport:
                     with anyio.CancelScope(shield=True):
                         await stream.aclose()
                 self._report_closed(None, "connection ended")
+                self._outgoing.close()
+                self._outgoing_receive.close()
 
     async def _open(self) -> ByteStream:
         parts = urlsplit(self.url)
