@@ -198,8 +198,10 @@ class Transport:
                 self._report_closed(None, f"WebSocket handshake failed: {exc}")
             finally:
                 if stream is not None:
-                    with anyio.CancelScope(shield=True):
-                        await stream.aclose()
+                    # Forcefully: a TLS close waits for the peer's close_notify, which a
+                    # half-open link never sends. The WebSocket close already happened or is
+                    # moot.
+                    await anyio.aclose_forcefully(stream)
                 self._report_closed(None, "connection ended")
                 self._outgoing.close()
                 self._outgoing_receive.close()
