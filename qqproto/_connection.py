@@ -319,6 +319,10 @@ class GatewayConnection:
         if state is _S.READY and ka is not None and ack_age is not None:
             ready = ack_age <= 2 * ka.interval + self._config.close_timeout
         since = None if self._live_at is None or ready else max(0.0, now - self._live_at)
+        if state is _S.IDLE:
+            return Health(
+                live=True, ready=False, reason="not started", since_live=None, last_ack_age=None
+            )
         if state in (_S.STOPPED, _S.ERROR):
             return Health(
                 live=False,

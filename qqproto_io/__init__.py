@@ -25,6 +25,7 @@ from qqproto_io._stores import (
     LocalIdentifyLimiter,
     SnapshotStore,
 )
+from qqproto_io._systemd import SystemdNotifier, run_systemd, watchdog_verdict
 from qqproto_io._transport import TransportLimits
 
 __all__ = [
@@ -43,7 +44,10 @@ __all__ = [
     "RestApi",
     "ShardDriver",
     "SnapshotStore",
+    "SystemdNotifier",
     "TokenSource",
     "TransportLimits",
     "proxy_from_env",
+    "run_systemd",
+    "watchdog_verdict",
 ]

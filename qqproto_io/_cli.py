@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from qqproto_io._describe import describe_event
 from qqproto_io._http import DEFAULT_API_BASE, DEFAULT_TOKEN_URL, SANDBOX_API_BASE
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Callable, Sequence
     from typing import TextIO
 
     from qqproto import Event
@@ -197,10 +198,12 @@ def _exit_code(fatal: FatalStop | None) -> int:
 
 async def _run(args: argparse.Namespace, out: TextIO) -> int:
     from qqproto_io._client import GatewayClient  # noqa: PLC0415 - keeps `--help` fast
-    from qqproto_io._fake_server import FakeGatewayServer  # noqa: PLC0415
+    from qqproto_io._systemd import SystemdNotifier, run_systemd  # noqa: PLC0415
 
     config = _session_config(args)
     printer = _Printer(out, args.log_format, verbose=args.verbose, shard=config.shard[0])
+    # Under systemd (Type=notify): READY=1, STATUS=, WATCHDOG=1 only while the shard is live.
+    notifier = SystemdNotifier.from_env()
     fatal: FatalStop | None = None
     start = anyio.current_time()
 
@@ -216,11 +219,23 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
             snapshot_path=args.snapshot,
         )
         async with anyio.create_task_group() as tg, client:
+            if notifier is not None:
+                tg.start_soon(
+                    functools.partial(
+                        run_systemd,
+                        notifier,
+                        lambda: [client.connection.health(anyio.current_time())],
+                        names=[f"shard {config.shard[0]}"],
+                    ),
+                    name="qqproto systemd",
+                )
 
             async def stop_on_signal() -> None:
                 with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for _ in signals:
                         printer.say("stopping: closing the session (it stays resumable)")
+                        if notifier is not None:
+                            notifier.stopping()
                         await client.close()
                         return
 
@@ -237,6 +252,25 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
                     fatal = event
             tg.cancel_scope.cancel()
 
+    try:
+        await _run_session(args, printer, session)
+    finally:
+        if notifier is not None:
+            notifier.close()
+    if fatal is not None:
+        sys.stderr.write(f"qqproto: stopped by the gateway: {fatal.code} {fatal.reason}\n")
+        sys.stderr.write(f"qqproto: {fatal.hint}\n")
+    return _exit_code(fatal)
+
+
+async def _run_session(
+    args: argparse.Namespace,
+    printer: _Printer,
+    session: Callable[[str, str, str, str], Awaitable[None]],
+) -> None:
+    """Run ``session`` against the real gateway, or the embedded fake without credentials."""
+    from qqproto_io._fake_server import FakeGatewayServer  # noqa: PLC0415
+
     if args.app_id and args.client_secret:
         api_base = args.api_base or (SANDBOX_API_BASE if args.sandbox else DEFAULT_API_BASE)
         await session(args.app_id, args.client_secret, api_base, args.token_url)
@@ -250,10 +284,6 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
         async with FakeGatewayServer(gateway, message_interval=5.0) as server:
             cfg = server.gateway.config
             await session(cfg.app_id, cfg.client_secret, server.http_base, server.token_url)
-    if fatal is not None:
-        sys.stderr.write(f"qqproto: stopped by the gateway: {fatal.code} {fatal.reason}\n")
-        sys.stderr.write(f"qqproto: {fatal.hint}\n")
-    return _exit_code(fatal)
 
 
 # -------------------------------------------------------------------------- simulate
