@@ -132,6 +132,8 @@ class GatewayClient:
         try:
             return await self._tg.__aexit__(exc_type, exc, tb)
         finally:
+            self._events.close()
+            self._events_send.close()
             if self._api is not None:
                 with anyio.CancelScope(shield=True):
                     await self._api.aclose()

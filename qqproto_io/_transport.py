@@ -197,14 +197,14 @@ class Transport:
             except RemoteProtocolError as exc:
                 self._report_closed(None, f"WebSocket handshake failed: {exc}")
             finally:
-                if stream is not None:
-                    # Forcefully: a TLS close waits for the peer's close_notify, which a
-                    # half-open link never sends. The WebSocket close already happened or is
-                    # moot.
-                    await anyio.aclose_forcefully(stream)
                 self._report_closed(None, "connection ended")
                 self._outgoing.close()
                 self._outgoing_receive.close()
+                if stream is not None:
+                    # Forcefully: a TLS close waits for the peer's close_notify, which a
+                    # half-open link never sends. Last, because in an aborted (cancelled)
+                    # scope it re-raises the cancellation once the socket is closed.
+                    await anyio.aclose_forcefully(stream)
 
     async def _open(self) -> ByteStream:
         parts = urlsplit(self.url)
