@@ -103,10 +103,11 @@ async def open_stream(
     port: int,
     *,
     tls: bool,
-    ssl_context: ssl.SSLContext,
+    ssl_context: ssl.SSLContext | None,
     proxy: ProxyConfig | None,
 ) -> ByteStream:
-    """A byte stream to ``host:port``: through ``proxy`` if it applies, TLS if asked."""
+    """A byte stream to ``host:port``: through ``proxy`` if it applies, TLS if asked
+    (with ``ssl_context``, or the system defaults when it is ``None``)."""
     if proxy is not None and proxy.applies_to(host):
         stream: ByteStream = await _connect_tunnel(proxy, host, port)
         if tls:

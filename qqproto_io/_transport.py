@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -78,6 +79,13 @@ class TransportClosed:
 TransportReport = TransportOpened | TransportMessage | TransportClosed
 
 _READ_SIZE = 65536
+
+
+@functools.cache
+def _default_ssl_context() -> ssl.SSLContext:
+    # Loading the system CA store takes ~25 ms on the event loop: once per process, and
+    # only when a wss:// URL needs it.
+    return ssl.create_default_context()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -215,7 +223,7 @@ class Transport:
             host,
             port,
             tls=secure,
-            ssl_context=self._ssl_context or ssl.create_default_context(),
+            ssl_context=(self._ssl_context or _default_ssl_context()) if secure else None,
             proxy=self._proxy,
         )
         target = parts.path or "/"
