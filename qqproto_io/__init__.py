@@ -19,6 +19,7 @@ from qqproto_io._http import (
     TokenSource,
 )
 from qqproto_io._proxy import ProxyConfig, ProxyError, proxy_from_env
+from qqproto_io._stall import StallMonitor
 from qqproto_io._stores import (
     IdentifyLimiter,
     JsonFileSnapshotStore,
@@ -44,6 +45,7 @@ __all__ = [
     "RestApi",
     "ShardDriver",
     "SnapshotStore",
+    "StallMonitor",
     "SystemdNotifier",
     "TokenSource",
     "TransportLimits",

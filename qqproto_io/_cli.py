@@ -198,6 +198,7 @@ def _exit_code(fatal: FatalStop | None) -> int:
 
 async def _run(args: argparse.Namespace, out: TextIO) -> int:
     from qqproto_io._client import GatewayClient  # noqa: PLC0415 - keeps `--help` fast
+    from qqproto_io._stall import StallMonitor  # noqa: PLC0415
     from qqproto_io._systemd import SystemdNotifier, run_systemd  # noqa: PLC0415
 
     config = _session_config(args)
@@ -219,6 +220,8 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
             snapshot_path=args.snapshot,
         )
         async with anyio.create_task_group() as tg, client:
+            # A WARNING with the blocking stack when something holds the event loop.
+            tg.start_soon(StallMonitor().run, name="qqproto stall monitor")
             if notifier is not None:
                 tg.start_soon(
                     functools.partial(
