@@ -626,7 +626,12 @@ class GatewayConnection:
             last = session.seq
             if last is None or s > last:
                 if last is not None and s > last + 1:
-                    session.gaps.update(range(max(last + 1, s - _MAX_SEQ_GAPS), s))
+                    gaps = session.gaps
+                    gaps.update(range(max(last + 1, s - _MAX_SEQ_GAPS), s))
+                    if len(gaps) > 2 * _MAX_SEQ_GAPS:
+                        # A server whose seq skips all the time: forget the old holes (no
+                        # replay reaches that far back). Rebuilt rarely, so O(1) amortised.
+                        session.gaps = {g for g in gaps if g > s - _MAX_SEQ_GAPS}
                 session.seq = s
             elif s in session.gaps:
                 session.gaps.discard(s)  # a replay out of order: late, but not lost

@@ -1096,3 +1096,17 @@ def test_outputs_are_frozen() -> None:
     assert Ready(session_id="S", seq=1, data={"secret": "x"}).__repr__().count("secret") == 0
     assert NextStep.RESUME.value == "resume"
     assert PersistSnapshot(snapshot=None).snapshot is None
+
+
+def test_seq_gaps_stay_bounded_when_the_server_skips_every_other_seq() -> None:
+    drv = Driver()
+    drv.connect_ready()
+    for n in range(3, 20_000, 2):  # every dispatch jumps over one seq
+        drv.dispatch(n, event_id=f"e{n}")
+    session = drv.conn._session
+    assert session is not None
+    assert len(session.gaps) <= 2 * 1000
+    drv.dispatch(19_996, event_id="late")  # a recent hole can still be filled ...
+    assert drv.of(Dispatch)[-1].event_id == "late"
+    drv.dispatch(4, event_id="ancient")  # ... one from 20,000 seqs ago cannot
+    assert drv.of(DuplicateDropped)[-1].key == "seq"
