@@ -118,6 +118,12 @@ def _parser() -> argparse.ArgumentParser:
         help="file to resume the session from after a restart (env QQBOT_SNAPSHOT)",
     )
     run.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        help="serve /healthz, /readyz and /metrics on 127.0.0.1:PORT (default: off)",
+    )
+    run.add_argument(
         "--seconds",
         type=float,
         default=None,
@@ -198,6 +204,7 @@ def _exit_code(fatal: FatalStop | None) -> int:
 
 async def _run(args: argparse.Namespace, out: TextIO) -> int:
     from qqproto_io._client import GatewayClient  # noqa: PLC0415 - keeps `--help` fast
+    from qqproto_io._health import HealthServer, Metrics  # noqa: PLC0415
     from qqproto_io._stall import StallMonitor  # noqa: PLC0415
     from qqproto_io._systemd import SystemdNotifier, run_systemd  # noqa: PLC0415
 
@@ -205,6 +212,7 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     printer = _Printer(out, args.log_format, verbose=args.verbose, shard=config.shard[0])
     # Under systemd (Type=notify): READY=1, STATUS=, WATCHDOG=1 only while the shard is live.
     notifier = SystemdNotifier.from_env()
+    metrics = Metrics()
     fatal: FatalStop | None = None
     start = anyio.current_time()
 
@@ -221,7 +229,21 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
         )
         async with anyio.create_task_group() as tg, client:
             # A WARNING with the blocking stack when something holds the event loop.
-            tg.start_soon(StallMonitor().run, name="qqproto stall monitor")
+            stall = StallMonitor()
+            tg.start_soon(stall.run, name="qqproto stall monitor")
+            if args.health_port is not None:
+                shard = config.shard[0]
+
+                async def serve_health() -> None:
+                    async with HealthServer(
+                        lambda: {shard: client.connection.health(anyio.current_time())},
+                        metrics,
+                        stall=stall,
+                        port=args.health_port,
+                    ):
+                        await anyio.sleep_forever()
+
+                tg.start_soon(serve_health, name="qqproto health")
             if notifier is not None:
                 tg.start_soon(
                     functools.partial(
@@ -250,6 +272,7 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
             if args.seconds is not None:
                 tg.start_soon(stop_after, args.seconds)
             async for event in client:
+                metrics.observe(config.shard[0], event)
                 printer(anyio.current_time() - start, event)
                 if isinstance(event, FatalStop):
                     fatal = event
