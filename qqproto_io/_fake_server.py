@@ -58,6 +58,7 @@ from qqproto.testing._fake_gateway import (
     ServerConnection,
     ServerSend,
 )
+from qqproto_io._http_server import next_http_event, response_bytes
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -325,7 +326,7 @@ class FakeGatewayServer:
         conn = h11.Connection(h11.SERVER)
         while True:
             try:
-                event = await _next_http_event(stream, conn)
+                event = await next_http_event(stream, conn, read_size=_READ_SIZE)
                 if not isinstance(event, h11.Request):
                     return  # the client closed an idle keep-alive connection
                 body = await _read_body(stream, conn)
@@ -562,26 +563,12 @@ def _is_upgrade(req: h11.Request) -> bool:
     )
 
 
-async def _next_http_event(
-    stream: SocketStream, conn: h11.Connection
-) -> h11.Event | type[h11.NEED_DATA | h11.PAUSED]:
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        try:
-            data = await stream.receive(_READ_SIZE)
-        except (anyio.EndOfStream, anyio.BrokenResourceError):
-            data = b""  # h11 turns this into ConnectionClosed, or an error mid-request
-        conn.receive_data(data)
-
-
 async def _read_body(stream: SocketStream, conn: h11.Connection) -> bytes | None:
     """The request body, or ``None`` when it exceeds the cap."""
     chunks: list[bytes] = []
     size = 0
     while True:
-        event = await _next_http_event(stream, conn)
+        event = await next_http_event(stream, conn, read_size=_READ_SIZE)
         if isinstance(event, h11.Data):
             size += len(event.data)
             if size > _MAX_BODY:
@@ -604,10 +591,7 @@ async def _respond(
     if close:
         headers.append((b"connection", b"close"))
     reason = http.HTTPStatus(reply.status).phrase.encode()
-    out = conn.send(h11.Response(status_code=reply.status, headers=headers, reason=reason))
-    out = (out or b"") + (conn.send(h11.Data(data=body)) or b"")
-    out += conn.send(h11.EndOfMessage()) or b""
-    await stream.send(out)
+    await stream.send(response_bytes(conn, reply.status, reason, headers, body))
 
 
 async def _discard_until_eof(stream: SocketStream) -> None:

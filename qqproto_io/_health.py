@@ -58,6 +58,7 @@ from qqproto._outputs import (
     ZombieDetected,
 )
 from qqproto._states import SessionState
+from qqproto_io._http_server import next_http_event, response_bytes
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -367,10 +368,12 @@ class HealthServer:
     async def _serve(self, stream: SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST)
         try:
-            request = await _next_event(stream, conn)
+            request = await next_http_event(stream, conn, read_size=_READ_SIZE)
             if not isinstance(request, h11.Request):
                 return  # closed before a request
-            while not isinstance(await _next_event(stream, conn), h11.EndOfMessage):
+            while not isinstance(
+                await next_http_event(stream, conn, read_size=_READ_SIZE), h11.EndOfMessage
+            ):
                 pass  # a body, which no endpoint reads; bounded by read_timeout
         except h11.RemoteProtocolError as err:
             status = err.error_status_hint
@@ -433,20 +436,6 @@ def _phrase(status: int) -> str:
         return "error"
 
 
-async def _next_event(
-    stream: SocketStream, conn: h11.Connection
-) -> h11.Event | type[h11.NEED_DATA | h11.PAUSED]:
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        try:
-            data = await stream.receive(_READ_SIZE)
-        except (anyio.EndOfStream, anyio.BrokenResourceError):
-            data = b""  # h11 turns this into ConnectionClosed, or an error mid-request
-        conn.receive_data(data)
-
-
 def _headers(body: bytes, content_type: bytes) -> list[tuple[bytes, bytes]]:
     return [
         (b"content-type", content_type),
@@ -459,11 +448,8 @@ def _headers(body: bytes, content_type: bytes) -> list[tuple[bytes, bytes]]:
 async def _send(
     stream: SocketStream, conn: h11.Connection, status: int, body: bytes, content_type: bytes
 ) -> None:
-    headers = _headers(body, content_type)
     reason = _phrase(status).capitalize().encode()
-    out = conn.send(h11.Response(status_code=status, headers=headers, reason=reason)) or b""
-    out += conn.send(h11.Data(data=body)) or b""
-    out += conn.send(h11.EndOfMessage()) or b""
+    out = response_bytes(conn, status, reason, _headers(body, content_type), body)
     with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
         await stream.send(out)
 
