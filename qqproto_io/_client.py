@@ -40,8 +40,6 @@ __all__ = ["GatewayClient"]
 
 log = logging.getLogger("qqproto_io")
 
-Handler = "Callable[[Dispatch], Awaitable[None]]"
-
 
 class GatewayClient:
     """One gateway session over real sockets, on asyncio or trio.
