@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import os
 import signal
@@ -26,8 +25,8 @@ import anyio
 
 from qqproto import FatalStop, Intents, SessionConfig, __version__
 from qqproto.testing import FakeGatewayConfig, Simulation
-from qqproto_io._describe import describe_event
 from qqproto_io._http import DEFAULT_API_BASE, DEFAULT_TOKEN_URL, SANDBOX_API_BASE
+from qqproto_io._logging import ROOT_LOGGER, EventLogger, configure_logging
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -46,9 +45,6 @@ EXIT_FATAL = 3
 """The platform stopped the bot: 4914 (delisted, sandbox only) or 4915 (banned)."""
 EXIT_CONFIG = 4
 """A fatal close that points at the configuration or a bug: 4001/4002/4010-4014."""
-
-# The life signs a newcomer wants to see, although they are DEBUG-level in a service's log.
-_ALWAYS_SHOWN = frozenset({"dispatch", "heartbeat_ack"})
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -154,36 +150,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Printer:
-    """Writes events as text lines or JSON objects (schema: docs/cli.md)."""
+class _Console:
+    """Where the CLI writes: its events through logging (schema: docs/cli.md), and prose."""
 
-    def __init__(self, out: TextIO, log_format: str, *, verbose: bool, shard: int = 0) -> None:
+    def __init__(self, out: TextIO, log_format: str, *, verbose: bool) -> None:
         self.out = out
         self.json = log_format == "json"
-        self.verbose = verbose
-        self.shard = shard
-        self.state = "IDLE"
-
-    def __call__(self, now: float, event: Event) -> None:
-        desc = describe_event(event)
-        if desc.name == "state":
-            self.state = str(desc.fields["new"])
-        if desc.level < logging.INFO and not self.verbose and desc.name not in _ALWAYS_SHOWN:
-            return
-        level = logging.getLevelName(desc.level)
-        if self.json:
-            record: dict[str, object] = {"t": round(now, 3), "event": desc.name, "level": level}
-            record.update(state=self.state, shard=self.shard)
-            record.update(desc.fields)
-            self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        else:
-            self.out.write(f"[{now:9.3f}s] {level:<7} {desc.message}\n")
-        self.out.flush()
+        self.handler = configure_logging(out, log_format, verbose=verbose)
 
     def say(self, text: str) -> None:
+        """A sentence for a human; JSON output stays pure JSON."""
         if not self.json:
             self.out.write(text + "\n")
             self.out.flush()
+
+    def close(self) -> None:
+        logging.getLogger(ROOT_LOGGER).removeHandler(self.handler)
+        self.handler.close()
 
 
 # ------------------------------------------------------------------------------- run
@@ -209,12 +192,11 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     from qqproto_io._systemd import SystemdNotifier, run_systemd  # noqa: PLC0415
 
     config = _session_config(args)
-    printer = _Printer(out, args.log_format, verbose=args.verbose, shard=config.shard[0])
+    console = _Console(out, args.log_format, verbose=args.verbose)
     # Under systemd (Type=notify): READY=1, STATUS=, WATCHDOG=1 only while the shard is live.
     notifier = SystemdNotifier.from_env()
     metrics = Metrics()
     fatal: FatalStop | None = None
-    start = anyio.current_time()
 
     async def session(app_id: str, secret: str, api_base: str, token_url: str) -> None:
         nonlocal fatal
@@ -226,6 +208,7 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
             token_url=token_url,
             proxy=args.proxy,
             snapshot_path=args.snapshot,
+            metrics=metrics,
         )
         async with anyio.create_task_group() as tg, client:
             # A WARNING with the blocking stack when something holds the event loop.
@@ -258,7 +241,7 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
             async def stop_on_signal() -> None:
                 with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for _ in signals:
-                        printer.say("stopping: closing the session (it stays resumable)")
+                        console.say("stopping: closing the session (it stays resumable)")
                         if notifier is not None:
                             notifier.stopping()
                         await client.close()
@@ -271,16 +254,16 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
             tg.start_soon(stop_on_signal)
             if args.seconds is not None:
                 tg.start_soon(stop_after, args.seconds)
+            # The driver logs every event; the application's part here is to notice the end.
             async for event in client:
-                metrics.observe(config.shard[0], event)
-                printer(anyio.current_time() - start, event)
                 if isinstance(event, FatalStop):
                     fatal = event
             tg.cancel_scope.cancel()
 
     try:
-        await _run_session(args, printer, session)
+        await _run_session(args, console, session)
     finally:
+        console.close()
         if notifier is not None:
             notifier.close()
     if fatal is not None:
@@ -291,7 +274,7 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
 
 async def _run_session(
     args: argparse.Namespace,
-    printer: _Printer,
+    console: _Console,
     session: Callable[[str, str, str, str], Awaitable[None]],
 ) -> None:
     """Run ``session`` against the real gateway, or the embedded fake without credentials."""
@@ -301,7 +284,7 @@ async def _run_session(
         api_base = args.api_base or (SANDBOX_API_BASE if args.sandbox else DEFAULT_API_BASE)
         await session(args.app_id, args.client_secret, api_base, args.token_url)
     else:
-        printer.say(
+        console.say(
             "qqproto: no QQBOT_APP_ID/QQBOT_CLIENT_SECRET, so this session runs against the "
             "embedded fake gateway on loopback (a message every 5 s, a rotation every 60 s).\n"
             "Stop with Ctrl-C. Set the two variables to connect to the real QQ gateway.\n"
@@ -315,18 +298,19 @@ async def _run_session(
 # -------------------------------------------------------------------------- simulate
 
 
-def run_simulation(minutes: float, seed: int, printer: _Printer) -> int:
+def run_simulation(minutes: float, seed: int, console: _Console) -> int:
     """Play a session against the fake gateway on a virtual clock and print its events."""
     # A short heartbeat and rotation so that the interesting moments fit in a few minutes.
     gateway = FakeGatewayConfig(hello_interval_ms=20_000, rotate_every=300.0)
     sim = Simulation(seed=seed, gateway=gateway)
     client = sim.add_client(SessionConfig())
+    log_event = EventLogger(0)
 
     def show(_client: SimClient, now: float, event: Event) -> None:
-        printer(now, event)
+        log_event(event, t=now)
 
     client.on_event = show
-    printer.say(
+    console.say(
         "qqproto simulate: a session against the fake gateway on a virtual clock.\n"
         "Script: a message every 15 s, a server rotation (op 7) every 5 min, and at "
         "minute 12 the link turns half-open (bytes vanish, no FIN).\n"
@@ -337,7 +321,7 @@ def run_simulation(minutes: float, seed: int, printer: _Printer) -> int:
     sim.run_until(minutes * 60.0)
     ids = [d.event_id for d in client.dispatches]
     once = "each exactly once" if len(ids) == len(set(ids)) else "SOME TWICE"
-    printer.say(
+    console.say(
         f"\n{minutes:g} virtual minutes: the gateway sent {sim.gateway.dispatched} messages; "
         f"{len(ids)} were delivered, {once} (a missing one was still in flight at the end)."
     )
@@ -385,8 +369,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = sys.stdout
     try:
         if args.command == "simulate":
-            printer = _Printer(out, args.log_format, verbose=args.verbose)
-            return run_simulation(args.minutes, args.seed, printer)
+            console = _Console(out, args.log_format, verbose=args.verbose)
+            try:
+                return run_simulation(args.minutes, args.seed, console)
+            finally:
+                console.close()
         if args.command == "fake-gateway":
             return anyio.run(_serve_fake, args, out)
         try:

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
     from anyio.abc import TaskGroup
 
+    from qqproto_io._health import Metrics
+
 __all__ = ["GatewayClient"]
 
 log = logging.getLogger("qqproto_io")
@@ -51,6 +53,8 @@ class GatewayClient:
         proxy: an ``http://`` CONNECT proxy URL; default: ``HTTPS_PROXY``/``ALL_PROXY``.
         snapshot_path: a JSON file to resume from across restarts.
         max_queued_events: events waiting for the application before new ones are dropped.
+        metrics: Prometheus metrics to count every event in, as the protocol loop produces
+            it (so events dropped for a slow application are counted too).
         rng: randomness for jitter (default: a new ``random.Random()``).
 
     Use it as an async context manager and iterate over it for events; iteration ends when
@@ -69,6 +73,7 @@ class GatewayClient:
         proxy: str | None = None,
         snapshot_path: str | os.PathLike[str] | None = None,
         max_queued_events: int = 10_000,
+        metrics: Metrics | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.config = config or SessionConfig()
@@ -83,6 +88,7 @@ class GatewayClient:
         self._events_send = send
         self._events = receive
         self.dropped_events = 0
+        self.metrics = metrics
         self._handlers: dict[str, list[Callable[[Dispatch], Awaitable[None]]]] = {}
         self._tg: TaskGroup | None = None
         self._driver: ShardDriver | None = None
@@ -170,10 +176,14 @@ class GatewayClient:
         return self._driver.conn
 
     def _enqueue(self, event: Event) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(self.config.shard[0], event)
         try:
             self._events_send.send_nowait(event)
         except anyio.WouldBlock:
             self.dropped_events += 1
+            if self.metrics is not None:
+                self.metrics.dropped(self.config.shard[0])
             if self.dropped_events == 1 or self.dropped_events % 1000 == 0:
                 log.warning(
                     "application is not reading events: %d dropped so far", self.dropped_events

@@ -36,6 +36,7 @@ from qqproto import (
     SessionState,
 )
 from qqproto_io._http import HttpFailure, RestApi, TokenSource
+from qqproto_io._logging import EventLogger
 from qqproto_io._transport import (
     Transport,
     TransportClosed,
@@ -71,6 +72,7 @@ class ShardDriver:
         limiter: identify permits.
         store: where snapshots go, or ``None``.
         on_event: called with every event, on the protocol task: it must not block.
+            Every event is also logged on the shard's logger (``qqproto_io.shard.<id>``).
         on_lag: called with the seconds a timer fired late (loop stall diagnosis), or None.
     """
 
@@ -94,6 +96,7 @@ class ShardDriver:
         self._limiter = limiter
         self._store = store
         self._on_event = on_event
+        self._log_event = EventLogger(conn.config.shard[0])
         self._on_lag = on_lag
         self._proxy = proxy
         self._ssl_context = ssl_context
@@ -171,6 +174,7 @@ class ShardDriver:
     def _execute(self, outputs: list[Output]) -> None:
         for out in outputs:
             if isinstance(out, Event):
+                self._log_event(out)
                 self._on_event(out)
             elif isinstance(out, SendPayload):
                 if self._transport is not None:

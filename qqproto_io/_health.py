@@ -90,6 +90,7 @@ class _Shard:
 
     __slots__ = (
         "dispatches",
+        "dropped",
         "duplicates",
         "identifies",
         "latency",
@@ -103,6 +104,7 @@ class _Shard:
     def __init__(self, m: Metrics, shard: str) -> None:
         self.dispatches = m.dispatches.labels(shard)
         self.duplicates = m.duplicates_dropped.labels(shard)
+        self.dropped = m.events_dropped.labels(shard)
         self.identifies = m.identifies.labels(shard)
         self.resumes = m.resumes.labels(shard)
         self.zombies = m.zombies.labels(shard)
@@ -129,7 +131,8 @@ class Metrics:
         ``qqproto_resumes_total``, ``qqproto_identifies_total`` (READY),
         ``qqproto_zombies_total``, ``qqproto_dispatches_total``,
         ``qqproto_duplicates_dropped_total``, ``qqproto_events_possibly_lost_total``
-        (``SessionInvalidated``).
+        (``SessionInvalidated``), ``qqproto_events_dropped_total`` (:meth:`dropped`: the
+        application's queue was full).
     And, without a shard label, from a :class:`StallMonitor` given to :meth:`render`:
         ``qqproto_loop_stalls_total`` and the histogram ``qqproto_loop_stall_seconds``.
     """
@@ -186,6 +189,12 @@ class Metrics:
             ["shard"],
             registry=r,
         )
+        self.events_dropped = Counter(
+            "qqproto_events_dropped_total",
+            "Events dropped because the application did not read them fast enough",
+            ["shard"],
+            registry=r,
+        )
         self.events_possibly_lost = Counter(
             "qqproto_events_possibly_lost_total",
             "Sessions invalidated: dispatches after the last sequence may have been lost",
@@ -236,6 +245,10 @@ class Metrics:
         elif isinstance(event, SessionInvalidated):
             s.lost.inc()
 
+    def dropped(self, shard: int) -> None:
+        """Count one event of ``shard`` dropped because the application's queue was full."""
+        (self._shards.get(shard) or self._shard(shard)).dropped.inc()
+
     def _set_state(self, shard: int, state: SessionState) -> None:
         label = str(shard)
         if shard not in self._states:  # first sight: publish every state, so 0s exist too
@@ -284,10 +297,13 @@ class HealthServer:
         stall: the process's :class:`StallMonitor`; without one ``/healthz`` is always ok.
         host / port: where to listen (loopback by default; port 0 picks a free one).
         read_timeout: the bound on each connection, request and response together.
+        stall_grace: seconds after a loop stall during which ``/readyz`` still says 503
+            (a loop that just froze for seconds is not one to route work to yet).
 
     Endpoints (GET only; an unknown path is 404, another method 405):
         ``/healthz``: 200 unless the event loop is stalled now (503 with the reason).
-        ``/readyz``: 200 when every shard is ready; else 503 with each shard's verdict.
+        ``/readyz``: 200 when every shard is ready and the loop has not stalled within
+            ``stall_grace``; else 503 with the loop's and each shard's verdict.
         ``/metrics``: the Prometheus text format.
     """
 
@@ -300,8 +316,10 @@ class HealthServer:
         host: str = "127.0.0.1",
         port: int = 0,
         read_timeout: float = 10.0,
+        stall_grace: float = 10.0,
     ) -> None:
         self.probe = probe
+        self.stall_grace = stall_grace
         self.metrics = metrics
         self.stall = stall
         self.read_timeout = read_timeout
@@ -402,27 +420,42 @@ class HealthServer:
             return self._healthz()  # no probe: it must not depend on the shards
         healths = self.probe()
         if path == "/readyz":
-            return _readyz(healths)
+            return _readyz(healths, self._stalled(grace=self.stall_grace))
         body = self.metrics.render(healths, stall=self.stall)
         return 200, body, CONTENT_TYPE_LATEST.encode()
 
     def _healthz(self) -> tuple[int, bytes, bytes]:
-        since = self.stall.stalled_since if self.stall is not None else None
-        if since is None:
+        reason = self._stalled(grace=0.0)
+        if reason is None:
             return 200, _json({"status": "ok"}), _JSON
-        stalled = max(0.0, time.monotonic() - since)
-        reason = f"event loop stalled for {stalled:.1f} s"
         return 503, _json({"status": "stalled", "reason": reason}), _JSON
 
+    def _stalled(self, *, grace: float) -> str | None:
+        """Why the loop is not fit now (stalled, or stalled within ``grace`` s), or None."""
+        stall = self.stall
+        if stall is None:
+            return None
+        now = time.monotonic()
+        since = stall.stalled_since
+        if since is not None:
+            return f"event loop stalled for {max(0.0, now - since):.1f} s"
+        recovered, durations = stall.recovered_at, stall.stalls
+        if recovered is not None and durations and now - recovered < grace:
+            return f"event loop stalled for {durations[-1]:.1f} s, {now - recovered:.1f} s ago"
+        return None
 
-def _readyz(healths: Mapping[int, Health]) -> tuple[int, bytes, bytes]:
+
+def _readyz(healths: Mapping[int, Health], loop: str | None) -> tuple[int, bytes, bytes]:
     shards = {
         str(shard): {"live": h.live, "ready": h.ready, "reason": h.reason}
         for shard, h in sorted(healths.items())
     }
-    if healths and all(h.ready for h in healths.values()):
+    if loop is None and healths and all(h.ready for h in healths.values()):
         return 200, _json({"status": "ready", "shards": shards}), _JSON
-    return 503, _json({"status": "not ready", "shards": shards}), _JSON
+    body: dict[str, object] = {"status": "not ready", "shards": shards}
+    if loop is not None:
+        body["loop"] = loop
+    return 503, _json(body), _JSON
 
 
 def _json(value: object) -> bytes:

@@ -43,6 +43,7 @@ class StallMonitor:
     Attributes:
         stalls: the duration of every stall seen, in seconds (for health endpoints).
         stalled_since: when the current stall began (monotonic), or ``None``.
+        recovered_at: when the loop last ran again after a stall (monotonic), or ``None``.
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class StallMonitor:
         self.on_stall = on_stall
         self.stalls: list[float] = []
         self.stalled_since: float | None = None
+        self.recovered_at: float | None = None
         self._beat = time.monotonic()
         self._stop = threading.Event()
         self._loop_thread = threading.get_ident()
@@ -92,6 +94,7 @@ class StallMonitor:
             elif self.stalled_since is not None:
                 duration = beat - self.stalled_since
                 self.stalls.append(duration)
+                self.recovered_at = beat
                 self.stalled_since = None
                 log.warning("event loop ran again after a stall of %.1f s", duration)
                 if self.on_stall is not None:
