@@ -1,16 +1,19 @@
 # The application's face: `async with GatewayClient(...) as client: async for event in client`.
 #
-# User code never runs on the protocol task. Events go from the driver into a bounded queue;
-# the application reads them at its own pace, or registers handlers that a separate task
-# runs. A handler that blocks for minutes delays only the handler task: heartbeats continue,
-# so the gateway never sees a dead client (the discord.py "heartbeat blocked" failure, and
-# hermes #33727). When the queue is full the *newest* event is dropped and counted (and a
-# warning logged once per burst) rather than blocking the protocol loop: losing the link
-# would lose far more.
+# User code never runs on the protocol tasks. Each shard has its own core connection and its
+# own driver task; all of them share one REST client, one token source (one refresh for all
+# shards, never a stampede), one identify limiter and one snapshot store. Their events go into
+# one bounded queue, tagged with the shard; the application reads them at its own pace, or
+# registers handlers that a separate task runs. A handler that blocks for minutes delays only
+# the handler task: heartbeats continue, so the gateway never sees a dead client (the
+# discord.py "heartbeat blocked" failure, and hermes #33727). When the queue is full the
+# *newest* event is dropped and counted (and a warning logged once per burst) rather than
+# blocking the protocol loops: losing the link would lose far more.
 """The anyio gateway client for applications."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from typing import TYPE_CHECKING, Self
@@ -27,39 +30,52 @@ from qqproto_io._http import (
     TokenSource,
 )
 from qqproto_io._proxy import ProxyConfig, proxy_from_env
-from qqproto_io._stores import JsonFileSnapshotStore, LocalIdentifyLimiter
+from qqproto_io._shards import ShardPlan
+from qqproto_io._stores import LocalIdentifyLimiter, SqliteSnapshotStore
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
     from types import TracebackType
 
     from anyio.abc import TaskGroup
 
     from qqproto_io._health import Metrics
+    from qqproto_io._stores import IdentifyLimiter, SnapshotStore
 
 __all__ = ["GatewayClient"]
 
 log = logging.getLogger("qqproto_io")
 
+_TERMINAL = (SessionState.STOPPED, SessionState.ERROR)
+
 
 class GatewayClient:
-    """One gateway session over real sockets, on asyncio or trio.
+    """Gateway sessions over real sockets, one per shard, on asyncio or trio.
 
     Args:
         app_id / client_secret: the bot's credentials (the secret is never logged).
-        config: session settings (intents, shard, timeouts).
+        config: session settings (intents, timeouts; its ``shard`` is used when ``shards``
+            is not given).
+        shards: the shards to run: a :class:`ShardPlan` or its text (``"auto"`` for the
+            count ``/gateway/bot`` recommends, ``"16"``, ``"0-7/16"``, ...). Default: the
+            single shard ``config.shard``.
         api_base / token_url: REST base and token endpoint (production by default).
         proxy: an ``http://`` CONNECT proxy URL; default: ``HTTPS_PROXY``/``ALL_PROXY``.
-        snapshot_path: a JSON file to resume from across restarts.
+        snapshot_path: a SQLite file to resume from across restarts (see ``store``).
+        store: where session snapshots go (overrides ``snapshot_path``), e.g. a
+            ``RedisSnapshotStore`` shared by a fleet. Its owner closes it.
+        limiter: who grants identify permits (default: a :class:`LocalIdentifyLimiter` for
+            the shards of this client), e.g. a ``RedisIdentifyLimiter`` shared by a fleet.
         max_queued_events: events waiting for the application before new ones are dropped.
-        metrics: Prometheus metrics to count every event in, as the protocol loop produces
-            it (so events dropped for a slow application are counted too).
+        metrics: Prometheus metrics to count every event in, as the protocol loops produce
+            them (so events dropped for a slow application are counted too).
         rng: randomness for jitter (default: a new ``random.Random()``).
 
-    Use it as an async context manager and iterate over it for events; iteration ends when
-    the session stops. ``close()`` (or leaving the block) closes and keeps the session for a
-    later Resume; ``close(end_session=True)`` ends it.
+    Use it as an async context manager and iterate over it for events (or over
+    :meth:`shard_events` for ``(shard_id, event)`` pairs); iteration ends when every shard
+    has stopped. ``close()`` (or leaving the block) closes and keeps the sessions for a later
+    Resume; ``close(end_session=True)`` ends them.
     """
 
     def __init__(
@@ -68,30 +84,37 @@ class GatewayClient:
         app_id: str,
         client_secret: str,
         config: SessionConfig | None = None,
+        shards: ShardPlan | str | None = None,
         api_base: str = DEFAULT_API_BASE,
         token_url: str = DEFAULT_TOKEN_URL,
         proxy: str | None = None,
         snapshot_path: str | os.PathLike[str] | None = None,
+        store: SnapshotStore | None = None,
+        limiter: IdentifyLimiter | None = None,
         max_queued_events: int = 10_000,
         metrics: Metrics | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.config = config or SessionConfig()
+        self.plan = ShardPlan.parse(shards) if isinstance(shards, str) else shards
         self._credentials = Credentials(app_id, client_secret)
         self._api_base = api_base
         self._token_url = token_url
         self._proxy = ProxyConfig.from_url(proxy) if proxy else proxy_from_env()
         self._proxy_url = proxy
-        self._store = JsonFileSnapshotStore(snapshot_path) if snapshot_path else None
+        self._own_store = store is None and snapshot_path is not None
+        self._store = store or (SqliteSnapshotStore(snapshot_path) if snapshot_path else None)
+        self._limiter = limiter or LocalIdentifyLimiter()
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-        send, receive = anyio.create_memory_object_stream[Event](max_queued_events)
+        send, receive = anyio.create_memory_object_stream[tuple[int, Event]](max_queued_events)
         self._events_send = send
         self._events = receive
         self.dropped_events = 0
         self.metrics = metrics
         self._handlers: dict[str, list[Callable[[Dispatch], Awaitable[None]]]] = {}
         self._tg: TaskGroup | None = None
-        self._driver: ShardDriver | None = None
+        self.drivers: dict[int, ShardDriver] = {}
+        self._running = 0
         self._api: RestApi | None = None
         self._stopped = anyio.Event()
 
@@ -106,23 +129,46 @@ class GatewayClient:
             proxy=self._proxy_url,
         )
         self._api = api
-        snapshot = self._store.load(self.config.shard) if self._store else None
-        conn = GatewayConnection(self.config, rng=self._rng, snapshot=snapshot)
-        self._driver = ShardDriver(
-            conn,
-            api=api,
-            tokens=TokenSource(api, refresh_margin=self.config.token_refresh_margin),
-            limiter=LocalIdentifyLimiter(),
-            store=self._store,
-            on_event=self._enqueue,
-            proxy=self._proxy,
-        )
+        tokens = TokenSource(api, refresh_margin=self.config.token_refresh_margin)
+        try:
+            shards = await self._shards(api, tokens)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await api.aclose()
+            raise
+        for shard in shards:
+            config = dataclasses.replace(self.config, shard=shard)
+            snapshot = self._store.load(shard) if self._store else None
+            conn = GatewayConnection(config, rng=self._rng, snapshot=snapshot)
+            self.drivers[shard[0]] = ShardDriver(
+                conn,
+                api=api,
+                tokens=tokens,
+                limiter=self._limiter,
+                store=self._store,
+                on_event=self._enqueuer(shard[0]),
+                proxy=self._proxy,
+            )
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._tg.start_soon(self._run_driver, name="qqproto protocol loop")
+        self._running = len(self.drivers)
+        for shard_id, driver in self.drivers.items():
+            self._tg.start_soon(self._run_driver, driver, name=f"qqproto shard {shard_id}")
         if self._handlers:
             self._tg.start_soon(self._run_handlers, name="qqproto handlers")
         return self
+
+    async def _shards(self, api: RestApi, tokens: TokenSource) -> list[tuple[int, int]]:
+        """The shards to run; asks ``/gateway/bot`` only when the plan says "auto"."""
+        plan = self.plan
+        if plan is None:
+            return [self.config.shard]
+        recommended = None
+        if plan.count is None:
+            grant = await tokens.get()
+            recommended = (await api.fetch_gateway(grant.token)).shards
+            log.info("/gateway/bot recommends %s shards", recommended)
+        return plan.resolve(recommended)
 
     async def __aexit__(
         self,
@@ -138,67 +184,88 @@ class GatewayClient:
         finally:
             self._events.close()
             self._events_send.close()
+            if self._own_store and isinstance(self._store, SqliteSnapshotStore):
+                self._store.close()
             if self._api is not None:
                 with anyio.CancelScope(shield=True):
                     await self._api.aclose()
 
     async def close(self, *, end_session: bool = False) -> None:
-        """Close the connection for good and wait (bounded) until it has stopped."""
-        driver = self._driver
-        if driver is None or driver.conn.state in (SessionState.STOPPED, SessionState.ERROR):
+        """Close every shard's connection for good and wait (bounded) until all stopped."""
+        live = [d for d in self.drivers.values() if d.conn.state not in _TERMINAL]
+        if not live:
             return
-        driver.request_close(end_session=end_session)
+        for driver in live:
+            driver.request_close(end_session=end_session)
         with anyio.move_on_after(self.config.close_timeout + 1.0) as scope:
             await self._stopped.wait()
         if scope.cancel_called and self._tg is not None:
             self._tg.cancel_scope.cancel()
 
-    async def _run_driver(self) -> None:
-        assert self._driver is not None
+    async def _run_driver(self, driver: ShardDriver) -> None:
         try:
-            await self._driver.run()
+            await driver.run()
         finally:
-            self._stopped.set()
-            self._events_send.close()
+            self._running -= 1
+            if self._running == 0:
+                self._stopped.set()
+                self._events_send.close()
 
     # --------------------------------------------------------------------- events
 
     @property
-    def state(self) -> SessionState:
-        """The session's lifecycle state."""
-        assert self._driver is not None
-        return self._driver.conn.state
+    def shard_ids(self) -> list[int]:
+        """The ids of the shards this client runs (known once entered)."""
+        return list(self.drivers)
+
+    @property
+    def connections(self) -> dict[int, GatewayConnection]:
+        """Each shard's core connection, by shard id (read them; do not feed them)."""
+        return {shard_id: d.conn for shard_id, d in self.drivers.items()}
 
     @property
     def connection(self) -> GatewayConnection:
-        """The core connection (read its state, latency, session; do not feed it)."""
-        assert self._driver is not None
-        return self._driver.conn
+        """The first shard's core connection (the only one of a single-shard client)."""
+        return next(iter(self.drivers.values())).conn
 
-    def _enqueue(self, event: Event) -> None:
-        if self.metrics is not None:
-            self.metrics.observe(self.config.shard[0], event)
-        try:
-            self._events_send.send_nowait(event)
-        except anyio.WouldBlock:
-            self.dropped_events += 1
+    @property
+    def state(self) -> SessionState:
+        """The first shard's lifecycle state (see :attr:`connections` for the others)."""
+        return self.connection.state
+
+    def _enqueuer(self, shard_id: int) -> Callable[[Event], None]:
+        def enqueue(event: Event) -> None:
             if self.metrics is not None:
-                self.metrics.dropped(self.config.shard[0])
-            if self.dropped_events == 1 or self.dropped_events % 1000 == 0:
-                log.warning(
-                    "application is not reading events: %d dropped so far", self.dropped_events
-                )
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass
+                self.metrics.observe(shard_id, event)
+            try:
+                self._events_send.send_nowait((shard_id, event))
+            except anyio.WouldBlock:
+                self.dropped_events += 1
+                if self.metrics is not None:
+                    self.metrics.dropped(shard_id)
+                if self.dropped_events == 1 or self.dropped_events % 1000 == 0:
+                    log.warning(
+                        "application is not reading events: %d dropped so far",
+                        self.dropped_events,
+                    )
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                pass
+
+        return enqueue
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> Event:
         try:
-            return await self._events.receive()
+            return (await self._events.receive())[1]
         except anyio.EndOfStream:
             raise StopAsyncIteration from None
+
+    async def shard_events(self) -> AsyncIterator[tuple[int, Event]]:
+        """Iterate ``(shard_id, event)`` pairs: the same queue as iterating the client."""
+        async for pair in self._events:
+            yield pair
 
     def on(
         self, event_type: str
@@ -206,7 +273,7 @@ class GatewayClient:
         """Register an async handler for dispatches of ``event_type`` (``"*"``: all).
 
         Register before entering the ``async with`` block. Handlers run one at a time on
-        their own task, never on the protocol loop; do not iterate the client as well.
+        their own task, never on a protocol loop; do not iterate the client as well.
         """
 
         def register(

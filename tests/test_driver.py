@@ -715,13 +715,18 @@ async def test_slow_async_handler_does_not_delay_heartbeats():
             # Handlers consume the event queue, so the test taps the events on their way in
             # (the driver is created on entry and reports to this attribute).
             tap = Recorder()
-            deliver = client._enqueue
+            enqueuer = client._enqueuer
 
-            def observe(event) -> None:
-                tap.add(event)
-                deliver(event)
+            def tapped(shard_id: int):
+                deliver = enqueuer(shard_id)
 
-            client._enqueue = observe
+                def observe(event) -> None:
+                    tap.add(event)
+                    deliver(event)
+
+                return observe
+
+            client._enqueuer = tapped
             handled: list[str | None] = []
             window: list[float] = []
             slow_started = anyio.Event()
@@ -821,7 +826,7 @@ async def test_client_closes_its_memory_streams():
                 async for event in client:
                     if isinstance(event, Ready):
                         break
-            driver = client._driver
+            driver = client.drivers[0]
             leftovers = {
                 "client._events": client._events,
                 "client._events_send": client._events_send,
