@@ -74,6 +74,7 @@ from qqproto._snapshot import InvalidSnapshot, SessionSnapshot
 from qqproto._states import SessionState
 
 __version__ = "0.1.0.dev0"
+"""The version of the installed qqproto (also printed by ``qqproto --version``)."""
 
 __all__ = [
     "CLOSE_CODE_POLICY",

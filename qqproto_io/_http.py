@@ -40,8 +40,11 @@ __all__ = [
 ]
 
 DEFAULT_API_BASE = "https://api.sgroup.qq.com"
+"""The production REST base (``/gateway/bot`` and the OpenAPI)."""
 SANDBOX_API_BASE = "https://sandbox.api.sgroup.qq.com"
+"""The sandbox REST base, for bots that are not listed yet (``qqproto run --sandbox``)."""
 DEFAULT_TOKEN_URL = "https://bots.qq.com/app/getAppAccessToken"  # noqa: S105 - a URL
+"""The endpoint that exchanges the app id and client secret for an access token."""
 
 
 class HttpFailure(Exception):
