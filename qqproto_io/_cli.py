@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
@@ -27,13 +28,16 @@ from qqproto import FatalStop, Intents, SessionConfig, __version__
 from qqproto.testing import FakeGatewayConfig, Simulation
 from qqproto_io._http import DEFAULT_API_BASE, DEFAULT_TOKEN_URL, SANDBOX_API_BASE
 from qqproto_io._logging import ROOT_LOGGER, EventLogger, configure_logging
+from qqproto_io._shards import ShardPlan
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
     from typing import TextIO
 
-    from qqproto import Event
+    from qqproto import Event, Health
     from qqproto.testing import SimClient
+    from qqproto_io._client import GatewayClient
+    from qqproto_io._stores import IdentifyLimiter, SnapshotStore
 
 __all__ = ["EXIT_CONFIG", "EXIT_FATAL", "EXIT_OK", "EXIT_USAGE", "main"]
 
@@ -104,6 +108,18 @@ def _parser() -> argparse.ArgumentParser:
         "--shard", default=_env("QQBOT_SHARD", "0,1"), help="ID,COUNT (env QQBOT_SHARD)"
     )
     run.add_argument(
+        "--shards",
+        default=_env("QQBOT_SHARDS"),
+        help="the shards this process runs, overriding --shard: auto (the count /gateway/bot "
+        "recommends), N, I/N, A-B/N or I,J/N (env QQBOT_SHARDS)",
+    )
+    run.add_argument(
+        "--redis-url",
+        default=_env("QQBOT_REDIS_URL"),
+        help="share identify permits and session snapshots with other processes through "
+        "Redis, e.g. redis://localhost:6379/0 (env QQBOT_REDIS_URL; replaces --snapshot)",
+    )
+    run.add_argument(
         "--proxy",
         default=_env("QQBOT_PROXY"),
         help="http:// CONNECT proxy (env QQBOT_PROXY; default HTTPS_PROXY/ALL_PROXY)",
@@ -111,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--snapshot",
         default=_env("QQBOT_SNAPSHOT"),
-        help="file to resume the session from after a restart (env QQBOT_SNAPSHOT)",
+        help="SQLite file to resume the sessions from after a restart (env QQBOT_SNAPSHOT)",
     )
     run.add_argument(
         "--health-port",
@@ -172,11 +188,13 @@ class _Console:
 # ------------------------------------------------------------------------------- run
 
 
-def _session_config(args: argparse.Namespace) -> SessionConfig:
+def _session_config(args: argparse.Namespace) -> tuple[SessionConfig, ShardPlan | None]:
+    """The session settings and shard plan the flags ask for (ValueError: a usage error)."""
     shard_id, _, count = str(args.shard).partition(",")
-    return SessionConfig(
+    config = SessionConfig(
         intents=Intents.parse(str(args.intents)), shard=(int(shard_id), int(count or 1))
     )
+    return config, ShardPlan.parse(args.shards) if args.shards else None
 
 
 def _exit_code(fatal: FatalStop | None) -> int:
@@ -191,35 +209,48 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     from qqproto_io._stall import StallMonitor  # noqa: PLC0415
     from qqproto_io._systemd import SystemdNotifier, run_systemd  # noqa: PLC0415
 
-    config = _session_config(args)
+    config, plan = _session_config(args)
     console = _Console(out, args.log_format, verbose=args.verbose)
-    # Under systemd (Type=notify): READY=1, STATUS=, WATCHDOG=1 only while the shard is live.
+    # Under systemd (Type=notify): READY=1, STATUS=, WATCHDOG=1 only while every shard is live.
     notifier = SystemdNotifier.from_env()
     metrics = Metrics()
     fatal: FatalStop | None = None
 
     async def session(app_id: str, secret: str, api_base: str, token_url: str) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            store, limiter = None, None
+            if args.redis_url:
+                store, limiter = await _redis_fleet(stack, args.redis_url, app_id)
+            client = GatewayClient(
+                app_id=app_id,
+                client_secret=secret,
+                config=config,
+                shards=plan,
+                api_base=api_base,
+                token_url=token_url,
+                proxy=args.proxy,
+                snapshot_path=args.snapshot,
+                store=store,
+                limiter=limiter,
+                metrics=metrics,
+            )
+            await shards(client)
+
+    def healths(client: GatewayClient) -> dict[int, Health]:
+        now = anyio.current_time()
+        return {shard_id: conn.health(now) for shard_id, conn in client.connections.items()}
+
+    async def shards(client: GatewayClient) -> None:
         nonlocal fatal
-        client = GatewayClient(
-            app_id=app_id,
-            client_secret=secret,
-            config=config,
-            api_base=api_base,
-            token_url=token_url,
-            proxy=args.proxy,
-            snapshot_path=args.snapshot,
-            metrics=metrics,
-        )
         async with anyio.create_task_group() as tg, client:
             # A WARNING with the blocking stack when something holds the event loop.
             stall = StallMonitor()
             tg.start_soon(stall.run, name="qqproto stall monitor")
             if args.health_port is not None:
-                shard = config.shard[0]
 
                 async def serve_health() -> None:
                     async with HealthServer(
-                        lambda: {shard: client.connection.health(anyio.current_time())},
+                        lambda: healths(client),
                         metrics,
                         stall=stall,
                         port=args.health_port,
@@ -232,8 +263,8 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
                     functools.partial(
                         run_systemd,
                         notifier,
-                        lambda: [client.connection.health(anyio.current_time())],
-                        names=[f"shard {config.shard[0]}"],
+                        lambda: list(healths(client).values()),
+                        names=[f"shard {shard_id}" for shard_id in client.shard_ids],
                     ),
                     name="qqproto systemd",
                 )
@@ -257,7 +288,7 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
             # The driver logs every event; the application's part here is to notice the end.
             async for event in client:
                 if isinstance(event, FatalStop):
-                    fatal = event
+                    fatal = event  # one shard stopped for good; the others go on
             tg.cancel_scope.cancel()
 
     try:
@@ -293,6 +324,21 @@ async def _run_session(
         async with FakeGatewayServer(gateway, message_interval=5.0) as server:
             cfg = server.gateway.config
             await session(cfg.app_id, cfg.client_secret, server.http_base, server.token_url)
+
+
+async def _redis_fleet(
+    stack: contextlib.AsyncExitStack, url: str, app_id: str
+) -> tuple[SnapshotStore, IdentifyLimiter]:
+    """The snapshot store and identify limiter of a fleet sharing one Redis (asyncio only)."""
+    from redis.asyncio import Redis  # noqa: PLC0415 - only with --redis-url
+
+    from qqproto_io._redis import RedisIdentifyLimiter, RedisSnapshotStore  # noqa: PLC0415
+
+    redis = Redis.from_url(url)
+    stack.push_async_callback(redis.aclose)
+    prefix = f"qqproto:{app_id}"  # one namespace per bot: fleets of two bots never collide
+    store = await stack.enter_async_context(RedisSnapshotStore(redis, prefix=prefix))
+    return store, RedisIdentifyLimiter(redis, prefix=prefix)
 
 
 # -------------------------------------------------------------------------- simulate

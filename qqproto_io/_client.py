@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from anyio.abc import TaskGroup
+    from anyio.streams.memory import MemoryObjectReceiveStream
 
     from qqproto_io._health import Metrics
     from qqproto_io._stores import IdentifyLimiter, SnapshotStore
@@ -262,10 +263,9 @@ class GatewayClient:
         except anyio.EndOfStream:
             raise StopAsyncIteration from None
 
-    async def shard_events(self) -> AsyncIterator[tuple[int, Event]]:
+    def shard_events(self) -> AsyncIterator[tuple[int, Event]]:
         """Iterate ``(shard_id, event)`` pairs: the same queue as iterating the client."""
-        async for pair in self._events:
-            yield pair
+        return _ShardEvents(self._events)
 
     def on(
         self, event_type: str
@@ -293,3 +293,21 @@ class GatewayClient:
                     await func(event)
                 except Exception:
                     log.exception("handler for %s failed", event.type)
+
+
+class _ShardEvents:
+    """An iterator, not an async generator: leaving a loop early needs no ``aclose()``."""
+
+    __slots__ = ("_events",)
+
+    def __init__(self, events: MemoryObjectReceiveStream[tuple[int, Event]]) -> None:
+        self._events = events
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> tuple[int, Event]:
+        try:
+            return await self._events.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None

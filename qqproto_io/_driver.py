@@ -42,6 +42,7 @@ from qqproto_io._transport import (
     TransportClosed,
     TransportLimits,
     TransportMessage,
+    TransportMessages,
     TransportOpened,
 )
 
@@ -155,12 +156,19 @@ class ShardDriver:
     def _apply(self, item: object) -> None:
         now = anyio.current_time()
         conn = self.conn
-        if isinstance(item, TransportMessage | TransportOpened | TransportClosed):
+        if isinstance(
+            item, TransportMessage | TransportMessages | TransportOpened | TransportClosed
+        ):
             current = self._transport
             if current is None or item.ident != current.ident:
                 return  # from a transport the core already gave up on
             if isinstance(item, TransportMessage):
                 conn.receive(item.text, now)
+            elif isinstance(item, TransportMessages):
+                # The messages of one read, exactly as if they had come one report each.
+                receive = conn.receive
+                for text in item.texts:
+                    receive(text, now)
             elif isinstance(item, TransportOpened):
                 conn.connection_opened(now)
             else:

@@ -2,10 +2,10 @@
 #
 # Theory of operation. One TCP listener serves both the REST endpoints and the WebSocket
 # gateway, as the real platform's hosts do from the client's point of view. Every accepted
-# socket starts as an h11 HTTP/1.1 server connection: token and gateway-URL requests are
-# answered from `FakeGateway.token_request` / `gateway_request` (keep-alive allowed), and an
-# `Upgrade: websocket` GET on the gateway path hands the socket, with whatever bytes h11 had
-# already buffered, to wsproto.
+# socket starts as an h11 HTTP/1.1 server connection: token, gateway-URL and message-send
+# requests are answered from `FakeGateway.token_request` / `gateway_request` /
+# `post_message` (keep-alive allowed), and an `Upgrade: websocket` GET on the gateway path
+# hands the socket, with whatever bytes h11 had already buffered, to wsproto.
 #
 # A WebSocket connection ("peer") owns one `ServerConnection` of the sans-IO core and three
 # tasks in its own task group. The reader feeds every client message to the core. The timer
@@ -31,6 +31,7 @@ import http
 import logging
 import math
 import random
+import re
 from typing import TYPE_CHECKING, Self
 from urllib.parse import urlsplit
 
@@ -76,6 +77,8 @@ logger = logging.getLogger("qqproto_io.fake_server")
 
 TOKEN_PATH = "/app/getAppAccessToken"  # noqa: S105 - a URL path, not a secret
 WS_PATH = "/websocket"
+# Where a bot sends (or passively replies to) C2C and group messages.
+_MESSAGE_ROUTE = re.compile(r"/v2/(?:users|groups)/[^/]+/messages")
 
 _READ_SIZE = 65536
 # A token request body is ~80 bytes; anything near this cap is not a client we model.
@@ -286,6 +289,22 @@ class FakeGatewayServer:
         self._flush_all()
         return delivered
 
+    def dispatch(self, t: str, d: JSONValue, *, event_id: str | None = None, shard: int = 0) -> int:
+        """Produce one event now (see :meth:`FakeGateway.dispatch`) and send it to every live
+        connection of its sessions. Returns how many sessions received it."""
+        now = anyio.current_time()
+        delivered = self.gateway.dispatch(t, d, now, event_id=event_id, shard=shard)
+        self._flush_all()
+        return delivered
+
+    def reconnect_all(self) -> None:
+        """Send op 7 to every live gateway connection (a rotation: each one is closed with
+        4009 a second later unless its client closed it first)."""
+        now = anyio.current_time()
+        for conn in list(self.gateway.live):
+            conn.request_reconnect(now)
+        self._flush_all()
+
     def close_all(self, code: int, reason: str = "closed by the test") -> None:
         """Close every live gateway connection with ``code`` (a close frame, then hang up)."""
         now = anyio.current_time()
@@ -356,17 +375,19 @@ class FakeGatewayServer:
         self, method: bytes, path: str, headers: Iterable[tuple[bytes, bytes]], body: bytes
     ) -> HttpReply:
         now = anyio.current_time()
-        if path == TOKEN_PATH and method == b"POST":
+        auth = next((v for k, v in headers if k == b"authorization"), None)
+        authorization = auth.decode("latin-1") if auth is not None else None
+        if method == b"POST" and (path == TOKEN_PATH or _MESSAGE_ROUTE.fullmatch(path)):
             try:
                 parsed = orjson.loads(body)
             except orjson.JSONDecodeError:
                 return HttpReply(400, {"code": 400, "message": "body is not JSON"})
             if not isinstance(parsed, dict):
                 return HttpReply(400, {"code": 400, "message": "body is not a JSON object"})
-            return self.gateway.token_request(parsed, now)
+            if path == TOKEN_PATH:
+                return self.gateway.token_request(parsed, now)
+            return self.gateway.post_message(path, authorization, parsed, now)
         if path in {"/gateway", "/gateway/bot"} and method == b"GET":
-            auth = next((v for k, v in headers if k == b"authorization"), None)
-            authorization = auth.decode("latin-1") if auth is not None else None
             return self.gateway.gateway_request(authorization, now, bot=path == "/gateway/bot")
         return HttpReply(404, _error(404))
 

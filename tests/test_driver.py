@@ -868,6 +868,49 @@ async def test_aborted_transport_closes_its_socket_and_streams():
             await wait_until(lambda: not server.gateway.live)
 
 
+async def test_a_message_in_the_same_read_as_the_handshake_is_not_held_back():
+    # Regression: _open returned at AcceptConnection with the rest of that read (a Hello the
+    # server wrote together with its 101) parsed by nobody until the next packet, which a
+    # quiet server never sends: the client waited for hello_timeout.
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Request, TextMessage
+
+    async def serve(stream) -> None:
+        ws = WSConnection(ConnectionType.SERVER)
+        async with stream:
+            while True:
+                ws.receive_data(await stream.receive())
+                if any(isinstance(e, Request) for e in ws.events()):
+                    break
+            hello = '{"op":10,"d":{"heartbeat_interval":41250}}'
+            await stream.send(ws.send(AcceptConnection()) + ws.send(TextMessage(data=hello)))
+            await anyio.sleep_forever()  # and then nothing, ever
+
+    with anyio.fail_after(BOUND):
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        port = listener.extra(SocketAttribute.local_port)  # noqa: S610 - anyio, not Django
+        inbox_send, inbox = anyio.create_memory_object_stream[object](100)
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, serve)
+            with inbox_send, inbox:
+                transport = Transport(
+                    1,
+                    f"ws://127.0.0.1:{port}/websocket",
+                    inbox_send,
+                    limits=TransportLimits(),
+                    proxy=None,
+                    ssl_context=None,
+                )
+                transport.start(tg)
+                assert await inbox.receive() == TransportOpened(1)
+                with anyio.fail_after(5):
+                    hello = await inbox.receive()
+                assert isinstance(hello, TransportMessage)
+                assert json.loads(hello.text)["op"] == 10
+                transport.abort()
+            tg.cancel_scope.cancel()
+
+
 # ------------------------------------------------------------------ proxy configuration
 
 

@@ -268,6 +268,37 @@ async def test_gateway_endpoints_shape_and_auth():
         await client.aclose()
 
 
+async def test_message_sends_are_recorded_and_answered_with_a_message_id():
+    async with serve() as server:
+        token = await get_token(server)
+        client = await HttpClient.connect(server)
+        auth = f"QQBot {token}"
+        c2c = {"content": "echo", "msg_type": 0, "msg_id": "ROBOT1.0_a", "msg_seq": 1}
+        group = {"content": "echo", "msg_type": 0, "msg_id": "ROBOT1.0_b", "msg_seq": 1}
+        status, reply = await client.request(
+            "POST", "/v2/users/OPENID1/messages", body=c2c, authorization=auth
+        )
+        assert (status, reply["id"]) == (200, "FAKEMSG00000001")
+        status, reply = await client.request(
+            "POST", "/v2/groups/GROUP1/messages", body=group, authorization=auth
+        )
+        assert (status, reply["id"]) == (200, "FAKEMSG00000002")
+        # Refused requests are not recorded: no token, a body that is no object, a GET.
+        status, denied = await client.request("POST", "/v2/users/OPENID1/messages", body=c2c)
+        assert (status, denied["code"]) == (401, 11244)
+        status, _ = await client.request(
+            "POST", "/v2/groups/GROUP1/messages", body=[1], authorization=auth
+        )
+        assert status == 400
+        status, _ = await client.request("GET", "/v2/users/OPENID1/messages", authorization=auth)
+        assert status == 404
+        await client.aclose()
+        assert server.gateway.rest_posts == [
+            ("POST", "/v2/users/OPENID1/messages", c2c),
+            ("POST", "/v2/groups/GROUP1/messages", group),
+        ]
+
+
 async def test_configured_gateway_url_is_kept():
     async with serve(FakeGatewayConfig(url="wss://elsewhere.invalid/ws")) as server:
         token = await get_token(server)
@@ -467,6 +498,29 @@ async def test_rotation_timer_sends_op7_then_closes_4009():
         close = await client.recv()
         assert isinstance(close, CloseConnection)
         assert close.code == 4009
+
+
+async def test_reconnect_all_sends_op7_and_the_client_may_close_first():
+    async with serve() as server:
+        client = await ready_client(server)
+        server.reconnect_all()
+        assert await client.recv_json() == {"op": 7}
+        await client.close(4000)
+        answer = await client.recv()
+        assert isinstance(answer, CloseConnection)
+        assert answer.code == 4000
+        assert await client.recv() == EOF
+        assert server.gateway.live == []
+
+
+async def test_dispatch_sends_any_event_to_live_sessions():
+    async with serve() as server:
+        client = await ready_client(server)
+        d = {"id": "ROBOT1.0_g", "group_openid": "GROUP1", "content": "hi"}
+        assert server.dispatch("GROUP_AT_MESSAGE_CREATE", d, event_id="E1") == 1
+        got = await client.recv_json()
+        assert (got["s"], got["t"], got["id"], got["d"]) == (2, "GROUP_AT_MESSAGE_CREATE", "E1", d)
+        assert server.dispatch("GROUP_AT_MESSAGE_CREATE", d, shard=1) == 0
 
 
 async def test_heartbeats_push_the_heartbeat_timeout_back():

@@ -62,6 +62,7 @@ class ServerDrop:
 
 
 ServerOutput = ServerSend | ServerClose | ServerDrop
+"""What :meth:`ServerConnection.take_outputs` returns: frames, closes and drops to carry out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +71,10 @@ class HttpReply:
 
     status: int
     body: dict[str, JSONValue]
+
+
+def _unauthorized() -> HttpReply:
+    return HttpReply(401, {"code": 11244, "message": "token not exist or expire"})
 
 
 @dataclass(slots=True, kw_only=True)
@@ -369,9 +374,15 @@ class ServerConnection:
             self._close(4009, "Session timed out", now)
             return
         if self.rotation_at is not None and now >= self.rotation_at:
-            self.rotation_at = None
-            self.reconnect_sent_at = now
-            self._raw({"op": int(Opcode.RECONNECT)})
+            self.request_reconnect(now)
+
+    def request_reconnect(self, now: float) -> None:
+        """Send op 7 now; close with 4009 one second later unless the client closed first."""
+        if self.closed:
+            return
+        self.rotation_at = None
+        self.reconnect_sent_at = now
+        self._raw({"op": int(Opcode.RECONNECT)})
 
     def get_timer(self) -> float | None:
         """The next time :meth:`handle_timer` has work, or ``None``."""
@@ -414,6 +425,8 @@ class FakeGateway:
         self.identifies: list[float] = []
         self.resumes: list[float] = []
         self.dispatched = 0
+        # (method, path, JSON body) of every accepted REST message send, for assertions.
+        self.rest_posts: list[tuple[str, str, JSONValue]] = []
 
     # ------------------------------------------------------------------ HTTP endpoints
 
@@ -434,12 +447,8 @@ class FakeGateway:
 
     def gateway_request(self, authorization: str | None, now: float, *, bot: bool) -> HttpReply:
         """``GET /gateway`` (``bot=False``) or ``GET /gateway/bot`` with its auth header."""
-        # The prefix is required, as on the real platform: a driver that forgets it must fail.
-        if not authorization or not authorization.startswith("QQBot "):
-            return HttpReply(401, {"code": 11244, "message": "token not exist or expire"})
-        token = authorization.removeprefix("QQBot ")
-        if not self._token_ok(token, now):
-            return HttpReply(401, {"code": 11244, "message": "token not exist or expire"})
+        if not self.token_valid(authorization, now):
+            return _unauthorized()
         body: dict[str, JSONValue] = {"url": self.config.url}
         if bot:
             cfg = self.config
@@ -453,8 +462,24 @@ class FakeGateway:
             }
         return HttpReply(200, body)
 
+    def post_message(
+        self, path: str, authorization: str | None, body: Mapping[str, JSONValue], now: float
+    ) -> HttpReply:
+        """``POST /v2/users/{openid}/messages`` or ``/v2/groups/{group_openid}/messages``.
+
+        Nothing is delivered: an authorized request is recorded in ``rest_posts`` and
+        answered with a made-up message id.
+        """
+        if not self.token_valid(authorization, now):
+            return _unauthorized()
+        self.rest_posts.append(("POST", path, dict(body)))
+        message_id = f"FAKEMSG{len(self.rest_posts):08d}"
+        return HttpReply(200, {"id": message_id, "timestamp": "2024-01-01T12:00:00+08:00"})
+
     def token_valid(self, value: object, now: float) -> bool:
-        """Whether an Identify/Resume ``token`` field (``"QQBot <tok>"``) is valid now."""
+        """Whether a ``"QQBot <tok>"`` value (Identify/Resume ``token`` field, REST
+        ``Authorization`` header) holds a token valid now."""
+        # The prefix is required, as on the real platform: a driver that forgets it must fail.
         if not isinstance(value, str) or not value.startswith("QQBot "):
             return False
         return self._token_ok(value.removeprefix("QQBot "), now)

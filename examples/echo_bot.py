@@ -1,0 +1,158 @@
+# An echo bot on qqproto_io.GatewayClient: every C2C message and every group @-message is
+# answered with the same text, as a passive reply (the message's id as `msg_id`).
+#
+# The gateway session (heartbeats, resumes, backoff) is the client's business; the bot only
+# reads events and calls the REST API. Replies are awaited one by one inside the event loop
+# below: that delays the *next event*, never a heartbeat, because the protocol runs on a
+# task of its own and events wait in the client's queue.
+#
+#   QQBOT_APP_ID=... QQBOT_CLIENT_SECRET=... python examples/echo_bot.py
+#
+# The app needs the GROUP_AND_C2C_EVENT intent (asked for in the QQ bot console).
+"""Echo C2C and group @-messages back through the QQ REST API."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+import anyio
+import httpx
+
+from qqproto import Dispatch, FatalStop, Intents, SessionConfig, StateChanged
+from qqproto_io import (
+    DEFAULT_API_BASE,
+    DEFAULT_TOKEN_URL,
+    Credentials,
+    GatewayClient,
+    HttpFailure,
+    RestApi,
+    TokenSource,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from qqproto import Event, JSONValue
+
+
+def reply_route(event: Dispatch) -> tuple[str, dict[str, JSONValue]] | None:
+    """Where and what to post in answer to ``event``, or ``None`` if it is not for us."""
+    d = event.data
+    if not isinstance(d, dict):
+        return None
+    msg_id, content, author = d.get("id"), d.get("content"), d.get("author")
+    if event.type == "C2C_MESSAGE_CREATE":
+        kind, target = "users", author.get("user_openid") if isinstance(author, dict) else None
+    elif event.type == "GROUP_AT_MESSAGE_CREATE":
+        kind, target = "groups", d.get("group_openid")
+    else:
+        return None
+    if not (isinstance(target, str) and isinstance(msg_id, str) and isinstance(content, str)):
+        return None
+    path = f"/v2/{kind}/{quote(target, safe='')}/messages"
+    # msg_type 0 is text; msg_id makes it a passive reply; msg_seq numbers the replies to
+    # one message (the platform drops a repeated one).
+    body: dict[str, JSONValue] = {
+        "content": content.strip(),
+        "msg_type": 0,
+        "msg_id": msg_id,
+        "msg_seq": 1,
+    }
+    return path, body
+
+
+class Replier:
+    """Posts messages with the bot's access token."""
+
+    def __init__(self, http: httpx.AsyncClient, tokens: TokenSource, app_id: str) -> None:
+        self._http = http
+        self._tokens = tokens
+        self._app_id = app_id
+
+    async def post(self, path: str, body: dict[str, JSONValue]) -> None:
+        try:
+            grant = await self._tokens.get()
+            headers = {"Authorization": f"QQBot {grant.token}", "X-Union-Appid": self._app_id}
+            response = await self._http.post(path, json=body, headers=headers)
+        except (HttpFailure, httpx.HTTPError) as exc:  # a failed reply must not stop the bot
+            print(f"reply to {path} failed: {type(exc).__name__}", flush=True)
+            return
+        print(f"replied POST {path} -> HTTP {response.status_code}", flush=True)
+
+
+def show(event: Event) -> None:
+    if isinstance(event, Dispatch) and isinstance(event.data, dict):
+        print(event, "content:", repr(event.data.get("content")), flush=True)
+    elif not isinstance(event, StateChanged):
+        print(event, flush=True)
+
+
+async def run(args: argparse.Namespace) -> int:
+    config = SessionConfig(intents=Intents.parse(args.intents))
+    # GatewayClient keeps its token to itself, so REST calls get their own token source;
+    # the platform hands both the same token while it is valid.
+    api = RestApi(
+        Credentials(args.app_id, args.client_secret),
+        api_base=args.api_base,
+        token_url=args.token_url,
+        timeout=config.http_timeout,
+    )
+    client = GatewayClient(
+        app_id=args.app_id,
+        client_secret=args.client_secret,
+        config=config,
+        api_base=args.api_base,
+        token_url=args.token_url,
+    )
+    dispatches = fatal = 0
+    async with (
+        httpx.AsyncClient(base_url=args.api_base, timeout=config.http_timeout) as http,
+        client,
+    ):
+        replier = Replier(http, TokenSource(api), args.app_id)
+        with anyio.move_on_after(math.inf if args.seconds is None else args.seconds):
+            async for event in client:
+                show(event)
+                fatal += isinstance(event, FatalStop)
+                if not isinstance(event, Dispatch):
+                    continue
+                route = reply_route(event)
+                if route is not None:
+                    await replier.post(*route)
+                dispatches += 1
+                if dispatches == args.dispatches:
+                    break
+    await api.aclose()
+    return 1 if fatal else 0
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--api-base", default=env("QQBOT_API_BASE", DEFAULT_API_BASE))
+    parser.add_argument("--token-url", default=env("QQBOT_TOKEN_URL", DEFAULT_TOKEN_URL))
+    parser.add_argument("--app-id", default=env("QQBOT_APP_ID"))
+    parser.add_argument(
+        "--client-secret",
+        default=env("QQBOT_CLIENT_SECRET"),
+        help="prefer QQBOT_CLIENT_SECRET: flags show in `ps`",
+    )
+    parser.add_argument("--intents", default=env("QQBOT_INTENTS", "GROUP_AND_C2C_EVENT"))
+    parser.add_argument("--seconds", type=float, help="stop after this long")
+    parser.add_argument("--dispatches", type=int, help="stop after this many dispatches")
+    args = parser.parse_args(argv)
+    if not args.app_id or not args.client_secret:
+        parser.error("set QQBOT_APP_ID and QQBOT_CLIENT_SECRET (or --app-id/--client-secret)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return anyio.run(run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,350 @@
+# The examples in examples/, run for real against the loopback fake gateway.
+#
+# The threaded and asyncio clients run as subprocesses (`python examples/X.py`, configured
+# through the QQBOT_* environment like a user would), against a FakeGatewayServer served
+# from a background thread through an anyio blocking portal; the test drives the server's
+# controls through the portal and reads the client's stdout, one printed event per line.
+# Ordering comes from what the client prints (a line proves the event before it), never
+# from sleeping; every wait is bounded by BOUND, generous for a loaded machine.
+#
+# The echo bot runs in-process, on the same event loop as the fake server: see
+# test_echo_bot_replies_to_c2c_and_group_messages for why.
+"""Tests for examples/: the threaded, asyncio and echo-bot clients against the fake server."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.from_thread import start_blocking_portal
+
+from qqproto import Dispatch, HeartbeatAcknowledged, Ready
+from qqproto.testing import FakeGatewayConfig
+from qqproto_io import FakeGatewayServer
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+BOUND = 30.0  # seconds any one wait may take before the test fails
+# The core floors Hello's interval at 1 s: beats (and ACKs) come at least once a second.
+GATEWAY = FakeGatewayConfig(hello_interval_ms=1000)
+DISPATCH = re.compile(r"Dispatch\(type='(\w+)', seq=(\d+), event_id='([^']*)'\)")
+
+
+def message_id(n: int) -> str:
+    return f"C2C_MESSAGE_CREATE:fake{n:08d}"
+
+
+class Served:
+    """A FakeGatewayServer running on an event loop in a background thread."""
+
+    def __init__(self, portal, server: FakeGatewayServer) -> None:
+        self.portal = portal
+        self.server = server
+        self.gateway = server.gateway
+
+    def call(self, func, *args):
+        """Run ``func(*args)`` on the server's loop (its controls need the loop's clock)."""
+        return self.portal.call(func, *args)
+
+    def env(self) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("QQBOT_") and "proxy" not in k.lower()
+        }
+        env.update(
+            QQBOT_API_BASE=self.server.http_base,
+            QQBOT_TOKEN_URL=self.server.token_url,
+            QQBOT_APP_ID=self.gateway.config.app_id,
+            QQBOT_CLIENT_SECRET=self.gateway.config.client_secret,
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+
+@pytest.fixture
+def served():
+    with start_blocking_portal("asyncio") as portal:
+        server = FakeGatewayServer(GATEWAY)
+        with portal.wrap_async_context_manager(server):
+            yield Served(portal, server)
+
+
+class Example:
+    """``python examples/<name> ARGS`` with its stdout read line by line on a thread."""
+
+    def __init__(self, name: str, env: dict[str, str], *args: str) -> None:
+        self.proc = subprocess.Popen(  # noqa: S603 - our interpreter, our script
+            [sys.executable, "-W", "default", str(EXAMPLES / name), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            env=env,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._stderr: list[str] = []
+        threading.Thread(target=self._pump_stdout, daemon=True).start()
+        threading.Thread(target=self._pump_stderr, daemon=True).start()
+
+    def _pump_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def _pump_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        self._stderr.extend(self.proc.stderr)
+
+    def of(self, prefix: str) -> list[str]:
+        return [line for line in self.lines if line.startswith(prefix)]
+
+    def expect(self, prefix: str, count: int = 1) -> str:
+        """Wait until ``count`` lines starting with ``prefix`` were printed; the last one."""
+        deadline = time.monotonic() + BOUND
+        while len(self.of(prefix)) < count:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"no {count} x {prefix!r} within {BOUND} s: {self.lines}")
+            if line is None:
+                self.proc.wait(BOUND)
+                pytest.fail(f"exited before {count} x {prefix!r}: {self.lines} {self._stderr}")
+            self.lines.append(line)
+        return self.of(prefix)[count - 1]
+
+    def finish(self) -> None:
+        """Wait for a clean exit, with everything it printed read."""
+        deadline = time.monotonic() + BOUND
+        while (line := self._queue.get(timeout=max(0.0, deadline - time.monotonic()))) is not None:
+            self.lines.append(line)
+        assert self.proc.wait(max(0.0, deadline - time.monotonic())) == 0, self._stderr
+        assert self._stderr == []  # no traceback, no warning (ResourceWarning included)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def examples():
+    started: list[Example] = []
+
+    def start(name: str, env: dict[str, str], *args: str) -> Example:
+        example = Example(name, env, *args)
+        started.append(example)
+        return example
+
+    yield start
+    for example in started:
+        example.kill()
+
+
+def dispatches(example: Example) -> list[tuple[str, int, str]]:
+    found = [DISPATCH.match(line) for line in example.of("Dispatch(")]
+    assert all(found), example.of("Dispatch(")
+    return [(m[1], int(m[2]), m[3]) for m in found if m]
+
+
+def assert_no_secret(example: Example, served: Served) -> None:
+    output = "\n".join(example.lines + example._stderr)
+    assert served.gateway.config.client_secret not in output
+    assert "fake-token-" not in output
+
+
+def assert_one_session_resumed_once(served: Served) -> None:
+    gateway = served.gateway
+    assert len(gateway.identifies) == 1
+    assert len(gateway.resumes) == 1
+    first, second = gateway.connections
+    assert first.received[0][1] == 2  # Identify
+    assert second.received[0][1] == 6  # Resume
+    assert second.received[0][2]["session_id"] == first.session.id
+
+
+# ------------------------------------------------------------------- threaded client
+
+
+def test_threaded_client_survives_a_4009_and_loses_no_event(served, examples):
+    client = examples("threaded_client.py", served.env(), "--dispatches", "4")
+    client.expect("Ready(")
+    client.expect("HeartbeatAcknowledged(")
+    served.call(lambda: [served.server.message(n) for n in (1, 2)])
+    client.expect("Dispatch(", 2)
+
+    def rotate() -> None:
+        # The session has no connection once the close is out: message 3 waits in the
+        # server's replay buffer, and only a correct Resume gets it to the client.
+        served.server.close_all(4009, "session timed out")
+        served.server.message(3)
+
+    served.call(rotate)
+    resumed = client.expect("Resumed(")
+    assert "replayed=1" in resumed
+    served.call(served.server.message, 4)
+    client.finish()
+
+    assert dispatches(client) == [
+        ("C2C_MESSAGE_CREATE", 2, message_id(1)),
+        ("C2C_MESSAGE_CREATE", 3, message_id(2)),
+        ("C2C_MESSAGE_CREATE", 4, message_id(3)),
+        ("C2C_MESSAGE_CREATE", 6, message_id(4)),
+    ]
+    gone = client.of("Disconnected(")
+    assert gone[0].startswith("Disconnected(code=4009, ")
+    assert "next_step=<NextStep.RESUME" in gone[0]
+    assert "closed by the application" in gone[-1]  # --dispatches 4 reached: a clean stop
+    assert len(client.of("Ready(")) == 1
+    assert_one_session_resumed_once(served)
+    assert_no_secret(client, served)
+
+
+# -------------------------------------------------------------------- asyncio client
+
+
+def test_asyncio_client_survives_an_op7_rotation_and_loses_no_event(served, examples):
+    client = examples("asyncio_client.py", served.env(), "--dispatches", "4")
+    client.expect("Ready(")
+    client.expect("HeartbeatAcknowledged(")
+    served.call(served.server.message, 1)
+    client.expect("Dispatch(")
+
+    def rotate() -> None:
+        # Op 7, then a message on the same connection: it arrives while the client closes.
+        served.server.reconnect_all()
+        served.server.message(2)
+
+    served.call(rotate)
+    gone = client.expect("Disconnected(")
+    # Reconnected already or not yet: message 3 goes live or waits for the Resume.
+    served.call(served.server.message, 3)
+    client.expect("Resumed(")
+    served.call(served.server.message, 4)
+    client.finish()
+
+    assert [event_id for _, _, event_id in dispatches(client)] == [
+        message_id(n) for n in (1, 2, 3, 4)
+    ]
+    seqs = [seq for _, seq, _ in dispatches(client)]
+    assert seqs == sorted(set(seqs))
+    # We closed the rotated connection ourselves, with a code that keeps the session.
+    assert gone.startswith("Disconnected(code=4000, reason='server requested a reconnect (op 7)'")
+    assert len(client.of("Ready(")) == 1
+    assert_one_session_resumed_once(served)
+    assert_no_secret(client, served)
+
+
+# -------------------------------------------------------------------------- echo bot
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_echo_bot_replies_to_c2c_and_group_messages(monkeypatch, capsys):
+    # In-process, on the fake server's own event loop. In a process of its own the bot
+    # would sometimes wait 30 s for Hello: qqproto_io's Transport leaves a WebSocket message
+    # that arrives in the same read as the HTTP 101 unprocessed until more data comes.
+    echo_bot = load_example("echo_bot")
+    events = []
+    changed = anyio.Event()
+
+    def record(event) -> None:
+        nonlocal changed
+        events.append(event)
+        changed.set()
+        changed = anyio.Event()
+
+    async def until(kind, count: int = 1) -> None:
+        while sum(isinstance(e, kind) for e in events) < count:
+            await changed.wait()
+
+    monkeypatch.setattr(echo_bot, "show", record)
+    group = {
+        "id": "ROBOT1.0_group00000001",
+        "group_openid": "FAKEGROUP0001",
+        "author": {"member_openid": "FAKEMEMBER0001"},
+        "content": " echo me ",
+        "timestamp": "2024-01-01T12:00:00+08:00",
+    }
+    with anyio.fail_after(BOUND):
+        async with FakeGatewayServer(GATEWAY) as server, anyio.create_task_group() as tg:
+            cfg = server.gateway.config
+            args = echo_bot.parse_args(
+                [
+                    *("--api-base", server.http_base, "--token-url", server.token_url),
+                    *("--app-id", cfg.app_id, "--client-secret", cfg.client_secret),
+                    *("--dispatches", "2"),
+                ]
+            )
+            tg.start_soon(echo_bot.run, args)
+            await until(Ready)
+            await until(HeartbeatAcknowledged)
+            assert server.message(1) == 1
+            assert server.dispatch("GROUP_AT_MESSAGE_CREATE", group, event_id="GROUP:1") == 1
+            # The bot stops by itself after its second dispatch, replies sent.
+    got = [(e.type, e.seq, e.event_id) for e in events if isinstance(e, Dispatch)]
+    assert got == [
+        ("C2C_MESSAGE_CREATE", 2, message_id(1)),
+        ("GROUP_AT_MESSAGE_CREATE", 3, "GROUP:1"),
+    ]
+    assert server.gateway.rest_posts == [
+        (
+            "POST",
+            "/v2/users/FAKEOPENID0001/messages",
+            {
+                "content": "hello 1 你好",
+                "msg_type": 0,
+                "msg_id": "ROBOT1.0_fake00000001",
+                "msg_seq": 1,
+            },
+        ),
+        (
+            "POST",
+            "/v2/groups/FAKEGROUP0001/messages",
+            {"content": "echo me", "msg_type": 0, "msg_id": "ROBOT1.0_group00000001", "msg_seq": 1},
+        ),
+    ]
+    printed = capsys.readouterr().out
+    assert "replied POST /v2/users/FAKEOPENID0001/messages -> HTTP 200" in printed
+    assert "replied POST /v2/groups/FAKEGROUP0001/messages -> HTTP 200" in printed
+
+
+@pytest.mark.parametrize("name", ["threaded_client.py", "asyncio_client.py", "echo_bot.py"])
+def test_examples_run_as_scripts_and_ask_for_credentials(name):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QQBOT_")}
+    proc = subprocess.run(  # noqa: S603 - our interpreter, our script
+        [sys.executable, str(EXAMPLES / name)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=BOUND,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "QQBOT_APP_ID and QQBOT_CLIENT_SECRET" in proc.stderr
