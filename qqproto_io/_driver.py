@@ -249,6 +249,10 @@ class ShardDriver:
                 lambda now: self.conn.request_failed(reason, now, request="gateway")
             )
             return
+        if info.session_start_limit is not None:
+            # The limiter counts the budget across shards (and processes); the core only
+            # sees its own connection's answers.
+            await self._limiter.update_limit(info.session_start_limit)
         await self._inbox.send(
             lambda now: self.conn.provide_gateway(
                 info.url, now, session_start_limit=info.session_start_limit

@@ -158,10 +158,17 @@ class RedisIdentifyLimiter:
     async def update_limit(self, limit: SessionStartLimit) -> None:
         """Record the budget from a fresh ``GET /gateway/bot`` answer, for every process."""
         reset_ms = round(limit.reset_after * 1000)
-        if reset_ms <= 0:
-            await self._client.delete(self._budget_key)  # resets now: nothing to count against
-            return
-        await self._budget_script(keys=[self._budget_key], args=[max(0, limit.remaining), reset_ms])
+        try:
+            if reset_ms <= 0:
+                await self._client.delete(self._budget_key)  # resets now: nothing to count
+                return
+            await self._budget_script(
+                keys=[self._budget_key], args=[max(0, limit.remaining), reset_ms]
+            )
+        except RedisError as exc:
+            # Advisory: the core still refuses to Identify on remaining == 0, and the next
+            # /gateway/bot answer brings the budget again. A Redis outage must not stop a shard.
+            log.warning("identify budget not recorded in Redis: %s", type(exc).__name__)
 
     async def acquire(self, shard_id: int, max_concurrency: int | None) -> None:
         """Return once this process holds the bucket's lease for the next window.

@@ -71,6 +71,9 @@ class IdentifyLimiter(Protocol):
     async def acquire(self, shard_id: int, max_concurrency: int | None) -> None:
         """Return when ``shard_id`` may Identify."""
 
+    async def update_limit(self, limit: SessionStartLimit) -> None:
+        """Learn the daily budget from a fresh ``/gateway/bot`` answer."""
+
 
 class IdentifyBudgetExhausted(QQProtoError):
     """The daily ``session_start_limit`` budget is used up and the limiter may not wait.
@@ -328,8 +331,10 @@ class LocalIdentifyLimiter:
         self._granted: dict[int, float] = {}
         self._budget: _Budget | None = None
 
-    def update_limit(self, limit: SessionStartLimit) -> None:
+    async def update_limit(self, limit: SessionStartLimit) -> None:
         """Learn the budget from a fresh ``GET /gateway/bot`` answer.
+
+        Async like :meth:`RedisIdentifyLimiter.update_limit`, so a caller can treat both alike.
 
         The server's ``remaining`` replaces the count (permits granted but not yet used for
         an Identify may be counted twice until the next answer: the safe direction).

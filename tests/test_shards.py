@@ -95,6 +95,9 @@ class RecordingLimiter:
         await self.inner.acquire(shard_id, max_concurrency)
         self.grants.append((anyio.current_time(), shard_id))
 
+    async def update_limit(self, limit) -> None:
+        await self.inner.update_limit(limit)
+
 
 def assert_paced(grants: list[tuple[float, int]], identifies: list[tuple[float, int]]) -> None:
     assert sorted(s for _, s in grants) == list(range(SHARDS))
