@@ -210,7 +210,6 @@ class AsyncioDriver:
         self._link: Link | None = None
         self._links = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self._token = ""
         self._next_identify = 0.0
 
     def close(self) -> None:
@@ -280,8 +279,8 @@ class AsyncioDriver:
                     self._link = None
             case FetchToken():
                 self._spawn(self._fetch_token())
-            case FetchGateway():
-                self._spawn(self._fetch_gateway(self._token))
+            case FetchGateway(token=token):
+                self._spawn(self._fetch_gateway(token))
             case RequestIdentifyPermit():
                 # A one-process limiter: one Identify per window. A fleet shares one instead.
                 loop = asyncio.get_running_loop()
@@ -312,11 +311,9 @@ class AsyncioDriver:
             )
             return
 
-        def provide(now: float) -> None:
-            self._token = grant.token
-            self.conn.provide_token(grant.token, grant.expires_in, now)
-
-        self._inbox.put_nowait(provide)
+        self._inbox.put_nowait(
+            lambda now: self.conn.provide_token(grant.token, grant.expires_in, now)
+        )
 
     async def _fetch_gateway(self, token: str) -> None:
         headers = {"Authorization": f"QQBot {token}", "X-Union-Appid": self._app_id}

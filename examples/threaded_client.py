@@ -283,7 +283,6 @@ class ThreadedDriver:
         self._inbox: Inbox = queue.Queue()
         self._link: Link | None = None
         self._links = 0
-        self._token = ""
         self._next_identify = 0.0
 
     def close(self) -> None:
@@ -351,8 +350,8 @@ class ThreadedDriver:
                     self._link = None
             case FetchToken():
                 self._in_background(self._fetch_token)
-            case FetchGateway():
-                self._in_background(self._fetch_gateway, self._token)
+            case FetchGateway(token=token):
+                self._in_background(self._fetch_gateway, token)
             case RequestIdentifyPermit():
                 # A one-process limiter: one Identify per window. A fleet shares one instead.
                 now = time.monotonic()
@@ -380,11 +379,7 @@ class ThreadedDriver:
             self._inbox.put(lambda now: self.conn.request_failed(reason, now, request="token"))
             return
 
-        def provide(now: float) -> None:
-            self._token = grant.token
-            self.conn.provide_token(grant.token, grant.expires_in, now)
-
-        self._inbox.put(provide)
+        self._inbox.put(lambda now: self.conn.provide_token(grant.token, grant.expires_in, now))
 
     def _fetch_gateway(self, token: str) -> None:
         headers = {"Authorization": f"QQBot {token}", "X-Union-Appid": self._app_id}

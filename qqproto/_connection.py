@@ -793,7 +793,7 @@ class GatewayConnection:
             self._await("token", now, FetchToken(force=self._force_token))
             return
         if self._gateway_url is None:
-            self._await("gateway", now, FetchGateway())
+            self._await("gateway", now, FetchGateway(token=self._require_token()))
             return
         if self._session is None and not self._permit:
             limit = self._start_limit

@@ -81,7 +81,14 @@ class FetchToken(Command):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FetchGateway(Command):
     """Get the gateway URL (``GET /gateway/bot``, falling back to ``/gateway``), then call
-    ``provide_gateway``; on failure call ``request_failed``."""
+    ``provide_gateway``; on failure call ``request_failed``.
+
+    Attributes:
+        token: the access token to authorise the request with (``Authorization: QQBot
+            <token>``); never in the repr.
+    """
+
+    token: str = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -42,7 +42,6 @@ from qqproto_io._transport import (
     TransportClosed,
     TransportLimits,
     TransportMessage,
-    TransportMessages,
     TransportOpened,
 )
 
@@ -156,19 +155,12 @@ class ShardDriver:
     def _apply(self, item: object) -> None:
         now = anyio.current_time()
         conn = self.conn
-        if isinstance(
-            item, TransportMessage | TransportMessages | TransportOpened | TransportClosed
-        ):
+        if isinstance(item, TransportMessage | TransportOpened | TransportClosed):
             current = self._transport
             if current is None or item.ident != current.ident:
                 return  # from a transport the core already gave up on
             if isinstance(item, TransportMessage):
                 conn.receive(item.text, now)
-            elif isinstance(item, TransportMessages):
-                # The messages of one read, exactly as if they had come one report each.
-                receive = conn.receive
-                for text in item.texts:
-                    receive(text, now)
             elif isinstance(item, TransportOpened):
                 conn.connection_opened(now)
             else:
@@ -199,7 +191,7 @@ class ShardDriver:
             elif isinstance(out, FetchToken):
                 self._spawn(self._fetch_token, out.force)
             elif isinstance(out, FetchGateway):
-                self._spawn(self._fetch_gateway)
+                self._spawn(self._fetch_gateway, out.token)
             elif isinstance(out, RequestIdentifyPermit):
                 self._spawn(self._permit, out.shard_id, out.max_concurrency)
             elif isinstance(out, PersistSnapshot) and self._store is not None:
@@ -239,8 +231,7 @@ class ShardDriver:
             lambda now: self.conn.provide_token(grant.token, grant.expires_in, now)
         )
 
-    async def _fetch_gateway(self) -> None:
-        token = self._tokens.current or ""
+    async def _fetch_gateway(self, token: str) -> None:
         try:
             info = await self._api.fetch_gateway(token)
         except HttpFailure as exc:

@@ -48,7 +48,6 @@ __all__ = [
     "TransportClosed",
     "TransportLimits",
     "TransportMessage",
-    "TransportMessages",
     "TransportOpened",
 ]
 
@@ -69,19 +68,6 @@ class TransportMessage:
 
 
 @dataclass(frozen=True, slots=True)
-class TransportMessages:
-    """Transport ``ident`` received several complete text messages in one read, in order.
-
-    One report per network read instead of one per message: each report costs the driver a
-    pass through its loop and two trips through the event loop (the benchmarks' receive
-    profile), and a 64 KiB read holds about sixty 1 KB dispatches.
-    """
-
-    ident: int
-    texts: tuple[str, ...] = field(repr=False)
-
-
-@dataclass(frozen=True, slots=True)
 class TransportClosed:
     """Transport ``ident`` ended: a close frame (``code``), or EOF/failure (``None``)."""
 
@@ -90,7 +76,7 @@ class TransportClosed:
     reason: str
 
 
-TransportReport = TransportOpened | TransportMessage | TransportMessages | TransportClosed
+TransportReport = TransportOpened | TransportMessage | TransportClosed
 
 _READ_SIZE = 65536
 
@@ -265,9 +251,6 @@ class Transport:
         ws = self._ws
         pieces: list[str] = []
         size = 0
-        # The messages completed by one read, reported together once the read is parsed
-        # (and before anything that ends the connection, so that order is kept).
-        batch: list[str] = []
         # Parse first, read second: the read that completed the handshake may already hold
         # the Hello, and it must not wait for the next packet (which may never come).
         data: bytes | None = b""
@@ -277,17 +260,19 @@ class Transport:
                     pieces.append(event.data)
                     size += len(event.data)
                     if size > self._limits.max_message_size:
-                        await self._report_batch(batch)
                         self._queue_raw(ws.send(CloseConnection(code=1009, reason="too big")))
                         self._report_closed(1009, "message larger than the limit")
                         return
                     if event.message_finished:
-                        batch.append("".join(pieces) if len(pieces) > 1 else pieces[0])
+                        # One report per message, not one per read: the application reads
+                        # one event per pass of the event loop, and a report per message
+                        # is what paces the protocol loop to it (a whole read at once
+                        # outruns it and fills its queue during a burst).
+                        text = "".join(pieces) if len(pieces) > 1 else pieces[0]
                         pieces.clear()
                         size = 0
-                    continue
-                await self._report_batch(batch)
-                if isinstance(event, Ping):
+                        await self._report(TransportMessage(self.ident, text))
+                elif isinstance(event, Ping):
                     self._queue_raw(ws.send(event.response()))
                 elif isinstance(event, CloseConnection):
                     if ws.state is ConnectionState.REMOTE_CLOSING:
@@ -299,7 +284,6 @@ class Transport:
                     self._report_closed(code, event.reason or "")
                     return
                 # BytesMessage and Pong: nothing to do (QQ sends text only).
-            await self._report_batch(batch)
             if data is None:
                 self._report_closed(None, "connection lost (EOF)")
                 return
@@ -308,16 +292,6 @@ class Transport:
             except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                 data = None
             ws.receive_data(data)
-
-    async def _report_batch(self, batch: list[str]) -> None:
-        if not batch:
-            return
-        if len(batch) == 1:
-            report: TransportReport = TransportMessage(self.ident, batch[0])
-        else:
-            report = TransportMessages(self.ident, tuple(batch))
-        batch.clear()
-        await self._report(report)
 
     def _queue_raw(self, data: bytes) -> None:
         try:

@@ -184,7 +184,6 @@ class SimClient:
         self.stalled_until = float("-inf")
         self._backlog: list[Callable[[], None]] = []
         self._timer = _Timer()
-        self._token: str | None = None
         self.opens: list[float] = []
         self.http_down = False  # every token/gateway request fails
         self.http_hang = False  # every token/gateway request never answers
@@ -358,10 +357,9 @@ class SimClient:
                     body = {"appId": self.app_id, "clientSecret": self._client_secret}
                     reply = gw.token_request(body, now)
                     grant = parse_token_response(reply.body)
-                    self._token = grant.token
                     self.conn.provide_token(grant.token, grant.expires_in, now)
                 else:
-                    auth = f"QQBot {self._token}" if self._token else None
+                    auth = f"QQBot {command.token}"
                     reply = gw.gateway_request(auth, now, bot=True)
                     if reply.status != 200:
                         self.conn.request_failed(f"HTTP {reply.status}", now, request=what)
