@@ -283,7 +283,7 @@ async def test_local_limiter_concurrent_shards_on_a_virtual_clock(max_concurrenc
 async def test_local_limiter_budget_exhausted_raises_without_waiting():
     vt = VirtualTime()
     limiter = _limiter(vt, wait_for_reset=False)
-    limiter.update_limit(_limit(2))
+    await limiter.update_limit(_limit(2))
     assert await _grants(limiter, vt, [0, 1], 1) == [0.0, 5.0]
     sleeps = len(vt.sleeps)
     with pytest.raises(IdentifyBudgetExhausted) as info:
@@ -303,7 +303,7 @@ async def test_local_limiter_budget_exhausted_raises_without_waiting():
 async def test_local_limiter_budget_exhausted_waits_once_for_the_reset():
     vt = VirtualTime()
     limiter = _limiter(vt)
-    limiter.update_limit(_limit(0, total=3, reset_after=100.0))  # other shards used it
+    await limiter.update_limit(_limit(0, total=3, reset_after=100.0))  # other shards used it
     assert await _grants(limiter, vt, [0], 1) == [100.0]
     assert vt.sleeps == [100.0, 0.0]  # one sleep for the reset, one (empty) for the slot
     # The permit taken at the reset counts against the new period: two left.
@@ -314,7 +314,7 @@ async def test_local_limiter_budget_exhausted_waits_once_for_the_reset():
 @pytest.mark.parametrize("anyio_backend", [MOCK_TRIO])
 async def test_local_limiter_never_promises_more_than_the_next_period():
     limiter = LocalIdentifyLimiter()
-    limiter.update_limit(_limit(0, total=3, reset_after=100.0))
+    await limiter.update_limit(_limit(0, total=3, reset_after=100.0))
     start = anyio.current_time()
     grants = []
 
@@ -339,7 +339,7 @@ async def test_local_limiter_never_promises_more_than_the_next_period():
 @pytest.mark.parametrize("anyio_backend", [MOCK_TRIO])
 async def test_local_limiter_cancelled_wait_gives_the_budget_back():
     limiter = LocalIdentifyLimiter(wait_for_reset=False)
-    limiter.update_limit(_limit(2))
+    await limiter.update_limit(_limit(2))
     await limiter.acquire(0, 1)
     with anyio.move_on_after(1.0) as scope:
         await limiter.acquire(1, 1)  # would wait 5 s for the slot
@@ -354,11 +354,11 @@ async def test_local_limiter_cancelled_wait_gives_the_budget_back():
 async def test_local_limiter_fresh_limit_replaces_the_count():
     vt = VirtualTime()
     limiter = _limiter(vt, wait_for_reset=False)
-    limiter.update_limit(_limit(1))
+    await limiter.update_limit(_limit(1))
     await limiter.acquire(0, 1)
     with pytest.raises(IdentifyBudgetExhausted):
         await limiter.acquire(1, 1)
-    limiter.update_limit(_limit(1, reset_after=10.0))
+    await limiter.update_limit(_limit(1, reset_after=10.0))
     await limiter.acquire(1, 1)
     vt.now = t0 = 10.0 + 86_400.0 * 2.5  # idle for days: every period has passed
     assert await _grants(limiter, vt, [0] * 10, 1) == [t0 + 5 * i for i in range(10)]
