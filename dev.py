@@ -30,7 +30,7 @@ STAMP = VENV / ".qqproto-install-stamp"
 TEST_STEPS: list[tuple[str, list[str]]] = [
     ("ruff check", ["-m", "ruff", "check", "."]),
     ("ruff format --check", ["-m", "ruff", "format", "--check", "."]),
-    ("mypy --strict", ["-m", "mypy", "--strict", "qqproto", "qqproto_io"]),
+    ("mypy --strict", ["-m", "mypy", "--strict", "qqproto", "qqproto_io", "examples"]),
     # pytest also builds the documentation site strictly (tests/test_docs_site.py).
     ("pytest", ["-m", "pytest", "-q"]),
 ]

@@ -27,7 +27,6 @@ from qqproto_io._stall import StallMonitor
 from qqproto_io._stores import (
     IdentifyBudgetExhausted,
     IdentifyLimiter,
-    JsonFileSnapshotStore,
     LocalIdentifyLimiter,
     SnapshotStore,
     SqliteSnapshotStore,
@@ -49,7 +48,6 @@ __all__ = [
     "HttpFailure",
     "IdentifyBudgetExhausted",
     "IdentifyLimiter",
-    "JsonFileSnapshotStore",
     "LocalIdentifyLimiter",
     "Metrics",
     "ProxyConfig",

@@ -1,8 +1,8 @@
 # Where session snapshots and identify permits come from, as small interfaces.
 #
 # The defaults here are for one process and one machine: a SQLite file in WAL mode (each save
-# is one transaction, so a crash mid-write leaves the previous snapshot readable), the older
-# JSON file store, and an in-process identify limiter with one 5 s window per bucket
+# is one transaction, so a crash mid-write leaves the previous snapshot readable) and an
+# in-process identify limiter with one 5 s window per bucket
 # `shard_id % max_concurrency` plus the daily `session_start_limit` budget (PROTOCOL.md §5).
 # Fleets plug in other implementations of the same protocols (qqproto_io._redis).
 #
@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
-import os
 import sqlite3
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +29,7 @@ import anyio
 from qqproto import InvalidSnapshot, QQProtoError, SessionSnapshot
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import Awaitable, Callable
 
     from qqproto import SessionStartLimit
@@ -39,7 +37,6 @@ if TYPE_CHECKING:
 __all__ = [
     "IdentifyBudgetExhausted",
     "IdentifyLimiter",
-    "JsonFileSnapshotStore",
     "LocalIdentifyLimiter",
     "SnapshotStore",
     "SqliteSnapshotStore",
@@ -203,53 +200,6 @@ class SqliteSnapshotStore:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-class JsonFileSnapshotStore:
-    """Snapshots in one JSON file (``{"0/1": {...}}``), replaced atomically on each save."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-
-    def _read(self) -> dict[str, object]:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError):
-            return {}  # unreadable: start afresh rather than refuse to run
-        return data if isinstance(data, dict) else {}
-
-    def load(self, shard: tuple[int, int]) -> SessionSnapshot | None:
-        """The saved snapshot of ``shard``, or ``None`` (also when unreadable)."""
-        raw = self._read().get(f"{shard[0]}/{shard[1]}")
-        if not isinstance(raw, dict):
-            return None
-        try:
-            return SessionSnapshot.from_dict(raw)
-        except InvalidSnapshot:
-            return None
-
-    def save(self, shard: tuple[int, int], snapshot: SessionSnapshot | None) -> None:
-        """Write the file anew through a temporary file and a rename."""
-        data = self._read()
-        key = f"{shard[0]}/{shard[1]}"
-        if snapshot is None:
-            data.pop(key, None)
-        else:
-            data[key] = snapshot.to_dict()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".snapshot-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f)
-                f.flush()
-                os.fsync(f.fileno())
-            Path(tmp).replace(self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                Path(tmp).unlink()
-            raise
 
 
 @dataclass(frozen=True, slots=True)

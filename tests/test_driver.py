@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import dataclasses
 import gc
 import json
 import logging
@@ -48,7 +47,6 @@ from qqproto import (
     Resumed,
     SessionConfig,
     SessionInvalidated,
-    SessionSnapshot,
     SessionState,
     StateChanged,
     TokenGrant,
@@ -61,7 +59,7 @@ from qqproto_io._driver import ShardDriver
 from qqproto_io._fake_server import FakeGatewayServer
 from qqproto_io._http import Credentials, RestApi, TokenSource
 from qqproto_io._proxy import ProxyConfig, ProxyError, open_stream, proxy_from_env
-from qqproto_io._stores import JsonFileSnapshotStore, LocalIdentifyLimiter
+from qqproto_io._stores import LocalIdentifyLimiter
 from qqproto_io._transport import Transport, TransportLimits, TransportMessage, TransportOpened
 
 pytestmark = pytest.mark.anyio
@@ -965,73 +963,6 @@ def test_proxy_from_env_precedence_and_no_proxy():
     assert only.authorization == "Basic " + base64.b64encode(b"u:pw").decode()
     assert only.no_proxy == ("c.example",)
     assert "pw" not in repr(only)
-
-
-# ------------------------------------------------------------------------ snapshot store
-
-
-def _snapshot(session_id: str, seq: int | None, shard=(0, 1)) -> SessionSnapshot:
-    return SessionSnapshot(session_id=session_id, seq=seq, shard=shard, saved_at=12.5)
-
-
-def test_json_snapshot_store_round_trip(tmp_path):
-    path = tmp_path / "state" / "snapshots.json"
-    store = JsonFileSnapshotStore(path)
-    assert store.load((0, 1)) is None  # no file yet
-    first, other = _snapshot("s-one", 41), _snapshot("s-two", None, shard=(1, 2))
-    store.save((0, 1), first)
-    store.save((1, 2), other)
-    assert store.load((0, 1)) == first
-    assert JsonFileSnapshotStore(path).load((1, 2)) == other  # a new process reads it back
-    store.save((0, 1), dataclasses.replace(first, seq=42))
-    assert store.load((0, 1)).seq == 42
-    store.save((0, 1), None)
-    assert store.load((0, 1)) is None
-    assert store.load((1, 2)) == other
-    # Every save went through a temporary file and a rename: none is left behind.
-    assert sorted(p.name for p in path.parent.iterdir()) == ["snapshots.json"]
-
-
-def test_json_snapshot_store_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
-    path = tmp_path / "snapshots.json"
-    store = JsonFileSnapshotStore(path)
-    store.save((0, 1), _snapshot("s-one", 1))
-    before = path.read_bytes()
-
-    def broken_dump(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(_stores.json, "dump", broken_dump)
-    with pytest.raises(OSError, match="disk full"):
-        store.save((0, 1), _snapshot("s-one", 2))
-    monkeypatch.undo()
-    assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["snapshots.json"]
-    assert store.load((0, 1)).seq == 1
-
-
-@pytest.mark.parametrize(
-    "content",
-    [
-        b"{not json",
-        b"\xff\xfe garbage",
-        b"[1, 2, 3]",
-        b'{"0/1": "not an object"}',
-        b'{"0/1": {"session_id": "", "seq": 1, "shard": [0, 1], "saved_at": 0}}',
-    ],
-)
-def test_json_snapshot_store_unreadable_file_loads_none(tmp_path, content):
-    path = tmp_path / "snapshots.json"
-    path.write_bytes(content)
-    store = JsonFileSnapshotStore(path)
-    assert store.load((0, 1)) is None
-    store.save((0, 1), _snapshot("fresh", 3))  # and a save starts afresh
-    assert store.load((0, 1)) == _snapshot("fresh", 3)
-
-
-def test_json_snapshot_store_path_is_a_directory(tmp_path):
-    (tmp_path / "snapshots.json").mkdir()
-    assert JsonFileSnapshotStore(tmp_path / "snapshots.json").load((0, 1)) is None
 
 
 # ----------------------------------------------------------------------- token source
