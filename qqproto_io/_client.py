@@ -55,13 +55,15 @@ class GatewayClient:
     """Gateway sessions over real sockets, one per shard, on asyncio or trio.
 
     Args:
-        app_id / client_secret: the bot's credentials (the secret is never logged).
+        app_id: the bot's app id.
+        client_secret: the bot's client secret (never logged, never in a repr).
         config: session settings (intents, timeouts; its ``shard`` is used when ``shards``
             is not given).
         shards: the shards to run: a :class:`ShardPlan` or its text (``"auto"`` for the
             count ``/gateway/bot`` recommends, ``"16"``, ``"0-7/16"``, ...). Default: the
             single shard ``config.shard``.
-        api_base / token_url: REST base and token endpoint (production by default).
+        api_base: the REST base (production by default).
+        token_url: the token endpoint (production by default).
         proxy: an ``http://`` CONNECT proxy URL; default: ``HTTPS_PROXY``/``ALL_PROXY``.
         snapshot_path: a SQLite file to resume from across restarts (see ``store``).
         store: where session snapshots go (overrides ``snapshot_path``), e.g. a

@@ -162,7 +162,8 @@ class FakeGatewayServer:
         config: how the fake platform behaves; copied, so later changes go through
             ``gateway.config``.
         seed: seeds the ids and tokens the gateway makes up.
-        host / port: where to listen; port 0 picks a free one.
+        host: where to listen (loopback by default).
+        port: the TCP port (0 picks a free one).
         message_interval: if set, produce a numbered C2C message every that many seconds.
 
     Attributes:

@@ -295,7 +295,8 @@ class HealthServer:
         probe: returns each shard's :class:`Health`, keyed by shard id.
         metrics: what ``/metrics`` serves.
         stall: the process's :class:`StallMonitor`; without one ``/healthz`` is always ok.
-        host / port: where to listen (loopback by default; port 0 picks a free one).
+        host: where to listen (loopback by default).
+        port: the TCP port (0 picks a free one).
         read_timeout: the bound on each connection, request and response together.
         stall_grace: seconds after a loop stall during which ``/readyz`` still says 503
             (a loop that just froze for seconds is not one to route work to yet).

@@ -37,7 +37,8 @@ class ProxyConfig:
     """An HTTP proxy for CONNECT tunnels.
 
     Attributes:
-        host / port: the proxy.
+        host: the proxy's host.
+        port: the proxy's port.
         authorization: a ``Proxy-Authorization`` value built from the URL's user info; kept
             out of the repr.
         no_proxy: host suffixes (and ``*``) that bypass the proxy.

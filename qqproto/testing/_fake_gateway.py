@@ -82,7 +82,8 @@ class FakeGatewayConfig:
     """How the fake platform behaves when nothing goes wrong. Times in seconds.
 
     Attributes:
-        app_id / client_secret: the credentials the token endpoint accepts.
+        app_id: the app id the token endpoint accepts.
+        client_secret: the client secret the token endpoint accepts.
         url: the gateway URL handed out by ``/gateway``.
         hello_interval_ms: the Hello ``heartbeat_interval`` (QQ docs show 45000; 41250 is
             the value clients quote).
@@ -94,7 +95,9 @@ class FakeGatewayConfig:
             one second later unless the client closed first. ``None`` disables rotation.
         resume_window: a session can be resumed this long after its last connection ended.
         replay_buffer: dispatches kept per session for Resume.
-        session_start_total / max_concurrency / shards: the ``/gateway/bot`` answer.
+        session_start_total: ``session_start_limit.total`` in the ``/gateway/bot`` answer.
+        max_concurrency: ``session_start_limit.max_concurrency`` in that answer.
+        shards: the recommended shard count in that answer.
         allowed_intents: intents the bot may ask for; other bits close with 4014.
     """
 
