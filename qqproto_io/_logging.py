@@ -91,12 +91,15 @@ class _Formatter(logging.Formatter):
 
 
 class TextFormatter(_Formatter):
-    """``[   12.345s] INFO    ready: new session 3fa85f64…`` (seconds since start)."""
+    """``[   12.345s] INFO    shard 0: ready: new session 3fa85f64…`` (seconds since start)."""
 
     def format(self, record: logging.LogRecord) -> str:
         """One line (plus the traceback, if any)."""
         fields: dict[str, object] = getattr(record, "qqproto", {})
-        line = f"[{self._t(record, fields):9.3f}s] {record.levelname:<7} {record.getMessage()}"
+        shard = f"shard {fields['shard']}: " if "shard" in fields else ""
+        line = (
+            f"[{self._t(record, fields):9.3f}s] {record.levelname:<7} {shard}{record.getMessage()}"
+        )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
