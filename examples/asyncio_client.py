@@ -20,77 +20,55 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
-import os
 import random
-import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+# The examples' shared plumbing (examples/_common.py): the flags, the reports a link posts,
+# the blocking token and gateway requests, the snapshot file, printing and counting events.
+from _common import (
+    IDENTIFY_WINDOW,
+    REQUEST_ERRORS,
+    Account,
+    Closed,
+    EventCounter,
+    Item,
+    Opened,
+    Received,
+    load_snapshot,
+    parse_command_line,
+    save_snapshot,
+)
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from qqproto import (
     AbortTransport,
     CloseConnection,
-    Dispatch,
     Event,
-    FatalStop,
     FetchGateway,
     FetchToken,
     GatewayConnection,
     Intents,
-    InvalidSnapshot,
     OpenConnection,
     PersistSnapshot,
-    QQProtoError,
     RequestIdentifyPermit,
     SendPayload,
     SessionConfig,
-    SessionSnapshot,
     SessionState,
-    StateChanged,
-    parse_gateway_response,
-    parse_token_response,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine, Mapping, Sequence
+    import argparse
+    from collections.abc import Callable, Coroutine, Sequence
+    from pathlib import Path
 
     from qqproto import Output
 
-API_BASE = "https://api.sgroup.qq.com"
-TOKEN_URL = "https://bots.qq.com/app/getAppAccessToken"  # noqa: S105 - a URL
-IDENTIFY_WINDOW = 5.0  # QQ allows one Identify per 5 s (per max_concurrency bucket)
-
 # ------------------------------------------------------------------------ the inbox
 
-
-@dataclass(frozen=True, slots=True)
-class Opened:
-    link: int
-
-
-@dataclass(frozen=True, slots=True)
-class Received:
-    link: int
-    text: str | bytes = field(repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Closed:
-    link: int
-    code: int | None
-    reason: str
-
-
-# What tasks post: a link's report, or a call on the core at the time it is fed.
-Item = Opened | Received | Closed | Callable[[float], None]
+# Tasks post `Item`s here: a link's report, or a call on the core at the time it is fed.
 Inbox = asyncio.Queue[Item]
 
 
@@ -162,26 +140,6 @@ class Link:
                     return
 
 
-# -------------------------------------------------------------------------- HTTP
-
-
-def http_json(
-    method: str,
-    url: str,
-    *,
-    timeout: float,
-    body: object = None,
-    headers: Mapping[str, str] | None = None,
-) -> object:
-    """One HTTP request answered with JSON (blocking: run it in ``asyncio.to_thread``)."""
-    data = None if body is None else json.dumps(body).encode()
-    all_headers = {"Content-Type": "application/json", **(headers or {})}
-    # S310: the URLs are the configured http(s) endpoints, never user input.
-    request = urllib.request.Request(url, data=data, headers=all_headers, method=method)  # noqa: S310
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-        return json.loads(response.read())
-
-
 # ---------------------------------------------------------------------- the loop
 
 
@@ -192,23 +150,16 @@ class AsyncioDriver:
         self,
         conn: GatewayConnection,
         *,
-        app_id: str,
-        client_secret: str,
-        api_base: str,
-        token_url: str,
+        account: Account,
         snapshot_path: Path | None,
         on_event: Callable[[Event], None],
     ) -> None:
         self.conn = conn
-        self._app_id = app_id
-        self._secret = client_secret
-        self._api_base = api_base.rstrip("/")
-        self._token_url = token_url
+        self._account = account
         self._snapshot_path = snapshot_path
         self._on_event = on_event
         self._inbox: Inbox = asyncio.Queue()
         self._link: Link | None = None
-        self._links = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._next_identify = 0.0
 
@@ -247,15 +198,16 @@ class AsyncioDriver:
         if callable(item):
             item(now)
             return
-        if self._link is None or item.link != self._link.ident:
-            return  # from a link the core already gave up on
+        # A link reports with the attempt it was opened for; the core ignores the reports
+        # of links it has given up on (aborted, or already closed), however late.
         if isinstance(item, Opened):
-            self.conn.connection_opened(now)
+            self.conn.connection_opened(now, attempt=item.link)
         elif isinstance(item, Received):
-            self.conn.receive(item.text, now)
+            self.conn.receive(item.text, now, attempt=item.link)
         else:
-            self._link = None
-            self.conn.connection_closed(item.code, item.reason, now)
+            if self._link is not None and self._link.ident == item.link:
+                self._link = None
+            self.conn.connection_closed(item.code, item.reason, now, attempt=item.link)
 
     def _execute(self, output: Output) -> None:
         link = self._link
@@ -265,11 +217,10 @@ class AsyncioDriver:
             case SendPayload(text=text):
                 if link is not None:
                     link.send_text(text)
-            case OpenConnection(url=url):
+            case OpenConnection(url=url, attempt=attempt):
                 if link is not None:  # the core never asks for two; be safe anyway
                     link.abort()
-                self._links += 1
-                self._link = Link(self._links, url, self._inbox, self.conn.config)
+                self._link = Link(attempt, url, self._inbox, self.conn.config)
             case CloseConnection(code=code, reason=reason):
                 if link is not None:
                     link.close(code, reason)
@@ -297,41 +248,24 @@ class AsyncioDriver:
         task.add_done_callback(self._tasks.discard)
 
     async def _fetch_token(self) -> None:
-        body = {"appId": self._app_id, "clientSecret": self._secret}
         timeout = self.conn.config.http_timeout
         try:
-            reply = await asyncio.to_thread(
-                http_json, "POST", self._token_url, body=body, timeout=timeout
-            )
-            grant = parse_token_response(reply)
-        except (OSError, ValueError, QQProtoError) as exc:
+            grant = await asyncio.to_thread(self._account.request_token, timeout)
+        except REQUEST_ERRORS as exc:
             reason = f"{type(exc).__name__}: {exc}"  # never holds the secret
             self._inbox.put_nowait(
                 lambda now: self.conn.request_failed(reason, now, request="token")
             )
             return
-
         self._inbox.put_nowait(
             lambda now: self.conn.provide_token(grant.token, grant.expires_in, now)
         )
 
     async def _fetch_gateway(self, token: str) -> None:
-        headers = {"Authorization": f"QQBot {token}", "X-Union-Appid": self._app_id}
         timeout = self.conn.config.http_timeout
         try:
-            try:
-                url = self._api_base + "/gateway/bot"
-                reply = await asyncio.to_thread(
-                    http_json, "GET", url, headers=headers, timeout=timeout
-                )
-                info = parse_gateway_response(reply)
-            except (OSError, ValueError, QQProtoError):
-                url = self._api_base + "/gateway"
-                reply = await asyncio.to_thread(
-                    http_json, "GET", url, headers=headers, timeout=timeout
-                )
-                info = parse_gateway_response(reply)
-        except (OSError, ValueError, QQProtoError) as exc:
+            info = await asyncio.to_thread(self._account.request_gateway, token, timeout)
+        except REQUEST_ERRORS as exc:
             reason = f"{type(exc).__name__}: {exc}"
             self._inbox.put_nowait(
                 lambda now: self.conn.request_failed(reason, now, request="gateway")
@@ -343,90 +277,29 @@ class AsyncioDriver:
         )
 
 
-# -------------------------------------------------------------------- snapshots
-
-
-def load_snapshot(path: Path | None) -> SessionSnapshot | None:
-    if path is None:
-        return None
-    try:
-        return SessionSnapshot.from_json(path.read_bytes())
-    except (OSError, InvalidSnapshot):
-        return None
-
-
-def save_snapshot(path: Path, snapshot: SessionSnapshot | None) -> None:
-    if snapshot is None:
-        path.unlink(missing_ok=True)
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(snapshot.to_json(), encoding="utf-8")
-    tmp.replace(path)  # atomic: a crash leaves the old snapshot or the new one
-
-
 # ------------------------------------------------------------------------- main
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    env = os.environ.get
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--api-base", default=env("QQBOT_API_BASE", API_BASE))
-    parser.add_argument("--token-url", default=env("QQBOT_TOKEN_URL", TOKEN_URL))
-    parser.add_argument("--app-id", default=env("QQBOT_APP_ID"))
-    parser.add_argument(
-        "--client-secret",
-        default=env("QQBOT_CLIENT_SECRET"),
-        help="prefer QQBOT_CLIENT_SECRET: flags show in `ps`",
-    )
-    parser.add_argument("--intents", default=env("QQBOT_INTENTS", "DEFAULT"))
-    parser.add_argument("--snapshot", type=Path, help="file to resume the session from")
-    parser.add_argument("--seconds", type=float, help="stop after this long")
-    parser.add_argument("--dispatches", type=int, help="stop after this many dispatches")
-    args = parser.parse_args(argv)
-    if not args.app_id or not args.client_secret:
-        parser.error("set QQBOT_APP_ID and QQBOT_CLIENT_SECRET (or --app-id/--client-secret)")
-    return args
-
-
-def show(event: Event) -> None:
-    if isinstance(event, Dispatch) and isinstance(event.data, dict):
-        print(event, "content:", repr(event.data.get("content")), flush=True)
-    elif not isinstance(event, StateChanged):
-        print(event, flush=True)
 
 
 async def run(args: argparse.Namespace) -> int:
     config = SessionConfig(intents=Intents.parse(args.intents))
     rng = random.Random()  # noqa: S311 - jitter, not cryptography
     conn = GatewayConnection(config, rng=rng, snapshot=load_snapshot(args.snapshot))
-    seen = {"dispatches": 0, "fatal": 0}
-
-    def on_event(event: Event) -> None:
-        show(event)
-        if isinstance(event, FatalStop):
-            seen["fatal"] += 1
-        if isinstance(event, Dispatch):
-            seen["dispatches"] += 1
-            if seen["dispatches"] == args.dispatches:
-                driver.close()
-
+    events = EventCounter(args.dispatches)  # prints and counts them
     driver = AsyncioDriver(
         conn,
-        app_id=args.app_id,
-        client_secret=args.client_secret,
-        api_base=args.api_base,
-        token_url=args.token_url,
+        account=Account.from_args(args),
         snapshot_path=args.snapshot,
-        on_event=on_event,
+        on_event=events,
     )
+    events.at_limit = driver.close  # --dispatches reached: stop, keeping the session resumable
     if args.seconds is not None:
         asyncio.get_running_loop().call_later(args.seconds, driver.close)
     await driver.run()
-    return 1 if seen["fatal"] else 0
+    return 1 if events.fatal else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return asyncio.run(run(parse_args(argv)))
+    return asyncio.run(run(parse_command_line(argv, description=__doc__)))
 
 
 if __name__ == "__main__":

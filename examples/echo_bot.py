@@ -13,19 +13,18 @@
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import anyio
 import httpx
 
-from qqproto import Dispatch, FatalStop, Intents, SessionConfig, StateChanged
+# The examples' shared plumbing (examples/_common.py): the flags and printing events.
+from _common import parse_command_line, show
+
+from qqproto import Dispatch, FatalStop, Intents, SessionConfig
 from qqproto_io import (
-    DEFAULT_API_BASE,
-    DEFAULT_TOKEN_URL,
     Credentials,
     GatewayClient,
     HttpFailure,
@@ -34,9 +33,10 @@ from qqproto_io import (
 )
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Sequence
 
-    from qqproto import Event, JSONValue
+    from qqproto import JSONValue
 
 
 def reply_route(event: Dispatch) -> tuple[str, dict[str, JSONValue]] | None:
@@ -84,13 +84,6 @@ class Replier:
         print(f"replied POST {path} -> HTTP {response.status_code}", flush=True)
 
 
-def show(event: Event) -> None:
-    if isinstance(event, Dispatch) and isinstance(event.data, dict):
-        print(event, "content:", repr(event.data.get("content")), flush=True)
-    elif not isinstance(event, StateChanged):
-        print(event, flush=True)
-
-
 async def run(args: argparse.Namespace) -> int:
     config = SessionConfig(intents=Intents.parse(args.intents))
     # GatewayClient keeps its token to itself, so REST calls get their own token source;
@@ -131,23 +124,10 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    env = os.environ.get
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--api-base", default=env("QQBOT_API_BASE", DEFAULT_API_BASE))
-    parser.add_argument("--token-url", default=env("QQBOT_TOKEN_URL", DEFAULT_TOKEN_URL))
-    parser.add_argument("--app-id", default=env("QQBOT_APP_ID"))
-    parser.add_argument(
-        "--client-secret",
-        default=env("QQBOT_CLIENT_SECRET"),
-        help="prefer QQBOT_CLIENT_SECRET: flags show in `ps`",
+    # The shared flags without --snapshot, asking for the intent that carries the messages.
+    return parse_command_line(
+        argv, description=__doc__, intents="GROUP_AND_C2C_EVENT", snapshot=False
     )
-    parser.add_argument("--intents", default=env("QQBOT_INTENTS", "GROUP_AND_C2C_EVENT"))
-    parser.add_argument("--seconds", type=float, help="stop after this long")
-    parser.add_argument("--dispatches", type=int, help="stop after this many dispatches")
-    args = parser.parse_args(argv)
-    if not args.app_id or not args.client_secret:
-        parser.error("set QQBOT_APP_ID and QQBOT_CLIENT_SECRET (or --app-id/--client-secret)")
-    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,23 +20,31 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-import os
 import queue
 import random
 import socket
 import ssl
 import threading
 import time
-import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+# The examples' shared plumbing (examples/_common.py): the flags, the reports a link posts,
+# the blocking token and gateway requests, the snapshot file, printing and counting events.
+from _common import (
+    IDENTIFY_WINDOW,
+    REQUEST_ERRORS,
+    Account,
+    Closed,
+    EventCounter,
+    Item,
+    Opened,
+    Received,
+    load_snapshot,
+    parse_command_line,
+    save_snapshot,
+)
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
@@ -52,62 +60,31 @@ from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
 from qqproto import (
     AbortTransport,
-    Dispatch,
     Event,
-    FatalStop,
     FetchGateway,
     FetchToken,
     GatewayConnection,
     Intents,
-    InvalidSnapshot,
     OpenConnection,
     PersistSnapshot,
-    QQProtoError,
     RequestIdentifyPermit,
     SendPayload,
     SessionConfig,
-    SessionSnapshot,
     SessionState,
-    StateChanged,
-    parse_gateway_response,
-    parse_token_response,
 )
 from qqproto import CloseConnection as CloseCommand
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Sequence
+    from pathlib import Path
 
     from wsproto.events import Event as WsEvent
 
     from qqproto import Output
 
-API_BASE = "https://api.sgroup.qq.com"
-TOKEN_URL = "https://bots.qq.com/app/getAppAccessToken"  # noqa: S105 - a URL
-IDENTIFY_WINDOW = 5.0  # QQ allows one Identify per 5 s (per max_concurrency bucket)
-
 # ------------------------------------------------------------------------ the inbox
 
-
-@dataclass(frozen=True, slots=True)
-class Opened:
-    link: int
-
-
-@dataclass(frozen=True, slots=True)
-class Received:
-    link: int
-    text: str = field(repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Closed:
-    link: int
-    code: int | None
-    reason: str
-
-
-# What helper threads post: a link's report, or a call on the core at the time it is fed.
-Item = Opened | Received | Closed | Callable[[float], None]
+# Helper threads post `Item`s here: a link's report, or a call on the core at the time it is fed.
 Inbox = queue.Queue[Item]
 
 
@@ -236,26 +213,6 @@ class Link:
                 return
 
 
-# -------------------------------------------------------------------------- HTTP
-
-
-def http_json(
-    method: str,
-    url: str,
-    *,
-    timeout: float,
-    body: object = None,
-    headers: Mapping[str, str] | None = None,
-) -> object:
-    """One HTTP request answered with JSON (blocking: call it off the main thread)."""
-    data = None if body is None else json.dumps(body).encode()
-    all_headers = {"Content-Type": "application/json", **(headers or {})}
-    # S310: the URLs are the configured http(s) endpoints, never user input.
-    request = urllib.request.Request(url, data=data, headers=all_headers, method=method)  # noqa: S310
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-        return json.loads(response.read())
-
-
 # ---------------------------------------------------------------------- the loop
 
 
@@ -266,23 +223,16 @@ class ThreadedDriver:
         self,
         conn: GatewayConnection,
         *,
-        app_id: str,
-        client_secret: str,
-        api_base: str,
-        token_url: str,
+        account: Account,
         snapshot_path: Path | None,
         on_event: Callable[[Event], None],
     ) -> None:
         self.conn = conn
-        self._app_id = app_id
-        self._secret = client_secret
-        self._api_base = api_base.rstrip("/")
-        self._token_url = token_url
+        self._account = account
         self._snapshot_path = snapshot_path
         self._on_event = on_event
         self._inbox: Inbox = queue.Queue()
         self._link: Link | None = None
-        self._links = 0
         self._next_identify = 0.0
 
     def close(self) -> None:
@@ -318,15 +268,16 @@ class ThreadedDriver:
         if callable(item):
             item(now)
             return
-        if self._link is None or item.link != self._link.ident:
-            return  # from a link the core already gave up on
+        # A link reports with the attempt it was opened for; the core ignores the reports
+        # of links it has given up on (aborted, or already closed), however late.
         if isinstance(item, Opened):
-            self.conn.connection_opened(now)
+            self.conn.connection_opened(now, attempt=item.link)
         elif isinstance(item, Received):
-            self.conn.receive(item.text, now)
+            self.conn.receive(item.text, now, attempt=item.link)
         else:
-            self._link = None
-            self.conn.connection_closed(item.code, item.reason, now)
+            if self._link is not None and self._link.ident == item.link:
+                self._link = None
+            self.conn.connection_closed(item.code, item.reason, now, attempt=item.link)
 
     def _execute(self, output: Output) -> None:
         link = self._link
@@ -336,11 +287,10 @@ class ThreadedDriver:
             case SendPayload(text=text):
                 if link is not None:
                     link.send_text(text)
-            case OpenConnection(url=url):
+            case OpenConnection(url=url, attempt=attempt):
                 if link is not None:  # the core never asks for two; be safe anyway
                     link.abort()
-                self._links += 1
-                self._link = Link(self._links, url, self._inbox, self.conn.config)
+                self._link = Link(attempt, url, self._inbox, self.conn.config)
             case CloseCommand(code=code, reason=reason):
                 if link is not None:
                     link.close(code, reason)
@@ -368,34 +318,20 @@ class ThreadedDriver:
         threading.Thread(target=func, args=args, daemon=True).start()
 
     def _fetch_token(self) -> None:
-        body = {"appId": self._app_id, "clientSecret": self._secret}
         timeout = self.conn.config.http_timeout
         try:
-            grant = parse_token_response(
-                http_json("POST", self._token_url, body=body, timeout=timeout)
-            )
-        except (OSError, ValueError, QQProtoError) as exc:
+            grant = self._account.request_token(timeout)
+        except REQUEST_ERRORS as exc:
             reason = f"{type(exc).__name__}: {exc}"  # never holds the secret
             self._inbox.put(lambda now: self.conn.request_failed(reason, now, request="token"))
             return
-
         self._inbox.put(lambda now: self.conn.provide_token(grant.token, grant.expires_in, now))
 
     def _fetch_gateway(self, token: str) -> None:
-        headers = {"Authorization": f"QQBot {token}", "X-Union-Appid": self._app_id}
         timeout = self.conn.config.http_timeout
         try:
-            try:
-                url = self._api_base + "/gateway/bot"
-                info = parse_gateway_response(
-                    http_json("GET", url, headers=headers, timeout=timeout)
-                )
-            except (OSError, ValueError, QQProtoError):
-                url = self._api_base + "/gateway"
-                info = parse_gateway_response(
-                    http_json("GET", url, headers=headers, timeout=timeout)
-                )
-        except (OSError, ValueError, QQProtoError) as exc:
+            info = self._account.request_gateway(token, timeout)
+        except REQUEST_ERRORS as exc:
             reason = f"{type(exc).__name__}: {exc}"
             self._inbox.put(lambda now: self.conn.request_failed(reason, now, request="gateway"))
             return
@@ -405,89 +341,28 @@ class ThreadedDriver:
         )
 
 
-# -------------------------------------------------------------------- snapshots
-
-
-def load_snapshot(path: Path | None) -> SessionSnapshot | None:
-    if path is None:
-        return None
-    try:
-        return SessionSnapshot.from_json(path.read_bytes())
-    except (OSError, InvalidSnapshot):
-        return None
-
-
-def save_snapshot(path: Path, snapshot: SessionSnapshot | None) -> None:
-    if snapshot is None:
-        path.unlink(missing_ok=True)
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(snapshot.to_json(), encoding="utf-8")
-    tmp.replace(path)  # atomic: a crash leaves the old snapshot or the new one
-
-
 # ------------------------------------------------------------------------- main
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    env = os.environ.get
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--api-base", default=env("QQBOT_API_BASE", API_BASE))
-    parser.add_argument("--token-url", default=env("QQBOT_TOKEN_URL", TOKEN_URL))
-    parser.add_argument("--app-id", default=env("QQBOT_APP_ID"))
-    parser.add_argument(
-        "--client-secret",
-        default=env("QQBOT_CLIENT_SECRET"),
-        help="prefer QQBOT_CLIENT_SECRET: flags show in `ps`",
-    )
-    parser.add_argument("--intents", default=env("QQBOT_INTENTS", "DEFAULT"))
-    parser.add_argument("--snapshot", type=Path, help="file to resume the session from")
-    parser.add_argument("--seconds", type=float, help="stop after this long")
-    parser.add_argument("--dispatches", type=int, help="stop after this many dispatches")
-    args = parser.parse_args(argv)
-    if not args.app_id or not args.client_secret:
-        parser.error("set QQBOT_APP_ID and QQBOT_CLIENT_SECRET (or --app-id/--client-secret)")
-    return args
-
-
-def show(event: Event) -> None:
-    if isinstance(event, Dispatch) and isinstance(event.data, dict):
-        print(event, "content:", repr(event.data.get("content")), flush=True)
-    elif not isinstance(event, StateChanged):
-        print(event, flush=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_command_line(argv, description=__doc__)
     config = SessionConfig(intents=Intents.parse(args.intents))
     rng = random.Random()  # noqa: S311 - jitter, not cryptography
     conn = GatewayConnection(config, rng=rng, snapshot=load_snapshot(args.snapshot))
-    seen = {"dispatches": 0, "fatal": 0}
-
-    def on_event(event: Event) -> None:
-        show(event)
-        if isinstance(event, FatalStop):
-            seen["fatal"] += 1
-        if isinstance(event, Dispatch):
-            seen["dispatches"] += 1
-            if seen["dispatches"] == args.dispatches:
-                driver.close()
-
+    events = EventCounter(args.dispatches)  # prints and counts them
     driver = ThreadedDriver(
         conn,
-        app_id=args.app_id,
-        client_secret=args.client_secret,
-        api_base=args.api_base,
-        token_url=args.token_url,
+        account=Account.from_args(args),
         snapshot_path=args.snapshot,
-        on_event=on_event,
+        on_event=events,
     )
+    events.at_limit = driver.close  # --dispatches reached: stop, keeping the session resumable
     if args.seconds is not None:
         stopper = threading.Timer(args.seconds, driver.close)
         stopper.daemon = True
         stopper.start()
     driver.run()
-    return 1 if seen["fatal"] else 0
+    return 1 if events.fatal else 0
 
 
 if __name__ == "__main__":

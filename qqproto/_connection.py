@@ -229,6 +229,8 @@ class GatewayConnection:
         # The current connection.
         self._exit: _Exit | None = None
         self._had_transport = False
+        self._attempts = 0  # OpenConnection.attempt of the last transport asked for
+        self._live_attempt: int | None = None  # the one whose reports are taken, if any
         self._opened_at: float | None = None
         self._up_since: float | None = None
         self._alive_at: float | None = None  # last sign of life from the server
@@ -470,27 +472,47 @@ class GatewayConnection:
             self._fire("prepare_failed", self._exit.reason)
 
     @_api
-    def connection_opened(self, now: float) -> None:
+    def connection_opened(self, now: float, *, attempt: int | None = None) -> None:
         """The WebSocket asked for by :class:`OpenConnection` is open.
+
+        Args:
+            now: the caller's clock.
+            attempt: the ``OpenConnection.attempt`` this report is about. Pass it: a report
+                about a transport the core has given up on is then ignored.
 
         Raises:
             LocalProtocolError: no connection is being opened.
         """
+        if attempt is not None and attempt != self._live_attempt:
+            return
         self._clock(now)
         self._fire_or_raise("transport_opened", "transport open")
 
     @_api
-    def connection_closed(self, code: int | None, reason: str, now: float) -> None:
+    def connection_closed(
+        self, code: int | None, reason: str, now: float, *, attempt: int | None = None
+    ) -> None:
         """The transport closed or failed: a close frame (``code``), EOF or an error (``None``).
 
-        Also the way to report that :class:`OpenConnection` failed. Never report a transport
-        the core told you to abort (:class:`AbortTransport`): stop reading it at once. The
-        core cannot tell an old transport's report from the current one's; a report that
-        arrives while no transport is expected (PREPARING, BACKOFF, STOPPED) is ignored.
+        Also the way to report that :class:`OpenConnection` failed.
+
+        Args:
+            code: the close code received, or ``None`` (EOF, a failure; also 1006).
+            reason: the close reason or the failure; it must not hold a secret.
+            now: the caller's clock.
+            attempt: the ``OpenConnection.attempt`` this report is about. Pass it: reports
+                about a transport that was aborted, or has already closed, are then ignored,
+                however late they come. Without it, never report a transport the core told
+                you to abort (:class:`AbortTransport`), because the core cannot tell an old
+                transport's report from the current one's; a report that arrives while no
+                transport is expected (PREPARING, BACKOFF, STOPPED) is ignored.
 
         Raises:
             LocalProtocolError: in IDLE (nothing was ever opened).
         """
+        if attempt is not None and attempt != self._live_attempt:
+            return
+        self._live_attempt = None
         now = self._clock(now)
         state = self._model.state
         if code is not None and state is not _S.CONNECTING:
@@ -514,15 +536,23 @@ class GatewayConnection:
         self._fire_or_raise("transport_closed", f"transport closed ({code})")
 
     @_api
-    def receive(self, payload: str | bytes, now: float) -> None:
+    def receive(self, payload: str | bytes, now: float, *, attempt: int | None = None) -> None:
         """Feed one complete WebSocket text message.
 
         Bad input never raises: it becomes a :class:`ProtocolViolation` event and is skipped
         with state and sequence intact.
 
+        Args:
+            payload: the message, ``str`` or UTF-8 ``bytes``.
+            now: the caller's clock.
+            attempt: the ``OpenConnection.attempt`` of the transport it came from. Pass it:
+                a message from a transport the core has given up on is then ignored.
+
         Raises:
             LocalProtocolError: no transport is open (nothing can have been received).
         """
+        if attempt is not None and attempt != self._live_attempt:
+            return
         now = self._clock(now)
         state = self._model.state
         if state not in _RECEIVING:
@@ -600,7 +630,7 @@ class GatewayConnection:
                 code = 1000 if end_session else self._config.keep_session_close_code
             self._exit = _Exit(APPLICATION_CLOSE, code, reason, by_server=False)
             if state is _S.CONNECTING:
-                self._emit(AbortTransport(reason=reason))
+                self._abort(reason)
         self._fire_or_raise("user_close", reason)
 
     # --------------------------------------------------------------- payload handlers
@@ -751,7 +781,7 @@ class GatewayConnection:
             return
         if state in _WINDING_DOWN:
             reason = f"close handshake did not complete within {cfg.close_timeout:g} s"
-            self._emit(AbortTransport(reason=reason))
+            self._abort(reason)
             self._fire("timer_expired", reason)
             return
         if state is _S.PREPARING:
@@ -760,7 +790,7 @@ class GatewayConnection:
         elif state is _S.CONNECTING:
             reason = f"connection not open within {cfg.connect_timeout:g} s"
             self._exit = _Exit(DEADLINE, None, reason, by_server=True)
-            self._emit(AbortTransport(reason=reason))
+            self._abort(reason)
         else:
             waited = {
                 _S.AWAITING_HELLO: ("Hello", cfg.hello_timeout),
@@ -840,7 +870,14 @@ class GatewayConnection:
             raise RuntimeError("CONNECTING without a gateway URL")
         self._had_transport = True
         self._deadline = now + self._config.connect_timeout
-        self._emit(OpenConnection(url=url))
+        self._attempts += 1
+        self._live_attempt = self._attempts
+        self._emit(OpenConnection(url=url, attempt=self._attempts))
+
+    def _abort(self, reason: str) -> None:
+        """Give up on the transport: nothing it reports any more is taken."""
+        self._live_attempt = None
+        self._emit(AbortTransport(reason=reason))
 
     def _enter_awaiting_hello(self, now: float) -> None:
         self._opened_at = now

@@ -106,9 +106,17 @@ class RequestIdentifyPermit(Command):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OpenConnection(Command):
-    """Open a WebSocket to ``url``, then call ``connection_opened`` (or ``connection_closed``)."""
+    """Open a WebSocket to ``url``, then call ``connection_opened`` (or ``connection_closed``).
+
+    Attributes:
+        url: the gateway URL.
+        attempt: this transport's number (1, 2, ...). Pass it back with every report about
+            the transport (``connection_opened``, ``receive``, ``connection_closed``) and the
+            core drops the reports of transports it has given up on, however late they come.
+    """
 
     url: str
+    attempt: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -10,9 +10,9 @@
 #      an ACK that arrived during a stall is seen before the watchdog looks).
 #
 # The loop holds no protocol decision: when to beat, resume, back off or give up is the
-# core's. The driver's own rules are only about IO: a transport's reports are dropped once
-# the core told it to abort (each transport has an id), and every wait is bounded by the
-# core's timers.
+# core's, and so is which transport's reports still count (each transport carries the
+# OpenConnection.attempt it was opened for, and reports it with everything it says). Every
+# wait is bounded by the core's timers.
 """The per-shard driver loop."""
 
 from __future__ import annotations
@@ -105,7 +105,6 @@ class ShardDriver:
         self._inbox: MemoryObjectSendStream[object] = send
         self._inbox_receive: MemoryObjectReceiveStream[object] = receive
         self._transport: Transport | None = None
-        self._transport_ids = 0
         self._tg: TaskGroup | None = None
         self.transports_opened = 0
 
@@ -155,17 +154,16 @@ class ShardDriver:
     def _apply(self, item: object) -> None:
         now = anyio.current_time()
         conn = self.conn
-        if isinstance(item, TransportMessage | TransportOpened | TransportClosed):
-            current = self._transport
-            if current is None or item.ident != current.ident:
-                return  # from a transport the core already gave up on
-            if isinstance(item, TransportMessage):
-                conn.receive(item.text, now)
-            elif isinstance(item, TransportOpened):
-                conn.connection_opened(now)
-            else:
+        # A transport's ident is its OpenConnection.attempt: the core itself ignores the
+        # reports of transports it has given up on, however late they arrive.
+        if isinstance(item, TransportMessage):
+            conn.receive(item.text, now, attempt=item.ident)
+        elif isinstance(item, TransportOpened):
+            conn.connection_opened(now, attempt=item.ident)
+        elif isinstance(item, TransportClosed):
+            if self._transport is not None and self._transport.ident == item.ident:
                 self._transport = None
-                conn.connection_closed(item.code, item.reason, now)
+            conn.connection_closed(item.code, item.reason, now, attempt=item.ident)
         elif callable(item):
             item(now)
 
@@ -180,7 +178,7 @@ class ShardDriver:
                 if self._transport is not None:
                     self._transport.send_text(out.text)
             elif isinstance(out, OpenConnection):
-                self._open(out.url)
+                self._open(out.url, out.attempt)
             elif isinstance(out, CloseConnection):
                 if self._transport is not None:
                     self._transport.close(out.code, out.reason)
@@ -201,14 +199,13 @@ class ShardDriver:
         assert self._tg is not None
         self._tg.start_soon(func, *args)
 
-    def _open(self, url: str) -> None:
+    def _open(self, url: str, attempt: int) -> None:
         assert self._tg is not None
         if self._transport is not None:  # the core never asks for two; be safe anyway
             self._transport.abort()
-        self._transport_ids += 1
         self.transports_opened += 1
         transport = Transport(
-            self._transport_ids,
+            attempt,
             url,
             self._inbox,
             limits=self._limits,

@@ -22,7 +22,7 @@ def test_readme_example_drives_the_core_to_ready_and_a_heartbeat(
     namespace: dict[str, object] = {}
     exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
     printed = capsys.readouterr().out
-    assert "OpenConnection(url='wss://api.sgroup.qq.com/websocket')" in printed
+    assert "OpenConnection(url='wss://api.sgroup.qq.com/websocket', attempt=1)" in printed
     assert "Ready(session_id='abc', seq=1)" in printed
     assert "ACCESS_TOKEN" not in printed  # the Identify payload is never shown
     conn = namespace["conn"]

@@ -251,7 +251,9 @@ def test_asyncio_client_survives_an_op7_rotation_and_loses_no_event(served, exam
 # -------------------------------------------------------------------------- echo bot
 
 
-def load_example(name: str):
+def load_example(name: str, monkeypatch):
+    # Run as a script, an example finds its shared helpers (examples/_common.py) on sys.path.
+    monkeypatch.syspath_prepend(str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     assert spec is not None
     assert spec.loader is not None
@@ -270,7 +272,7 @@ async def test_echo_bot_replies_to_c2c_and_group_messages(monkeypatch, capsys):
     # In-process, on the fake server's own event loop. In a process of its own the bot
     # would sometimes wait 30 s for Hello: qqproto_io's Transport leaves a WebSocket message
     # that arrives in the same read as the HTTP 101 unprocessed until more data comes.
-    echo_bot = load_example("echo_bot")
+    echo_bot = load_example("echo_bot", monkeypatch)
     events = []
     changed = anyio.Event()
 
