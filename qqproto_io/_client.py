@@ -150,6 +150,7 @@ class GatewayClient:
                 limiter=self._limiter,
                 store=self._store,
                 on_event=self._enqueuer(shard[0]),
+                on_lag=self._lag_recorder(shard[0]),
                 proxy=self._proxy,
             )
         self._tg = anyio.create_task_group()
@@ -235,6 +236,12 @@ class GatewayClient:
     def state(self) -> SessionState:
         """The first shard's lifecycle state (see :attr:`connections` for the others)."""
         return self.connection.state
+
+    def _lag_recorder(self, shard_id: int) -> Callable[[float], None] | None:
+        metrics = self.metrics
+        if metrics is None:
+            return None
+        return lambda seconds: metrics.lag(shard_id, seconds)
 
     def _enqueuer(self, shard_id: int) -> Callable[[Event], None]:
         def enqueue(event: Event) -> None:

@@ -60,6 +60,8 @@ __all__ = ["ShardDriver"]
 
 _TERMINAL = frozenset({SessionState.STOPPED, SessionState.ERROR})
 _INBOX_SIZE = 4096
+LATE_TIMER_WARNING = 1.0
+"""Seconds a timer may fire late before the driver warns (scheduling jitter is far less)."""
 
 
 class ShardDriver:
@@ -73,7 +75,9 @@ class ShardDriver:
         store: where snapshots go, or ``None``.
         on_event: called with every event, on the protocol task: it must not block.
             Every event is also logged on the shard's logger (``qqproto_io.shard.<id>``).
-        on_lag: called with the seconds a timer fired late (loop stall diagnosis), or None.
+        on_lag: called with the seconds each timer fired late (for metrics), or None. A
+            timer more than ``LATE_TIMER_WARNING`` seconds late is also logged as a WARNING
+            on the shard's logger: something blocked the event loop.
     """
 
     def __init__(
@@ -141,8 +145,15 @@ class ShardDriver:
                 now = anyio.current_time()
                 due = conn.get_timer()
                 if due is not None and now >= due:
+                    lag = now - due
                     if self._on_lag is not None:
-                        self._on_lag(now - due)
+                        self._on_lag(lag)
+                    if lag > LATE_TIMER_WARNING:
+                        self._log_event.logger.warning(
+                            "a protocol timer fired %.2f s late: the event loop was blocked "
+                            "(the stall monitor, if on, logged where)",
+                            lag,
+                        )
                     conn.handle_timer(max(due, now))
             if self._transport is not None:
                 self._transport.abort()

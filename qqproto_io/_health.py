@@ -76,6 +76,8 @@ log = logging.getLogger("qqproto_io.health")
 
 # Heartbeat round trips: tens of milliseconds normally, seconds when the link degrades.
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)
+# Timer lateness: a millisecond is normal; a second means something blocked the loop.
+_LAG_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0, math.inf)
 # Loop stalls are only reported above the monitor's threshold (2 s by default).
 _STALL_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, math.inf)
 
@@ -93,6 +95,7 @@ class _Shard:
         "dropped",
         "duplicates",
         "identifies",
+        "lag",
         "latency",
         "lost",
         "reconnect_identify",
@@ -110,6 +113,7 @@ class _Shard:
         self.zombies = m.zombies.labels(shard)
         self.lost = m.events_possibly_lost.labels(shard)
         self.latency = m.heartbeat_latency.labels(shard)
+        self.lag = m.timer_lag.labels(shard)
         self.reconnect_resume = m.reconnects.labels(shard, NextStep.RESUME.value)
         self.reconnect_identify = m.reconnects.labels(shard, NextStep.IDENTIFY.value)
 
@@ -132,7 +136,8 @@ class Metrics:
         ``qqproto_zombies_total``, ``qqproto_dispatches_total``,
         ``qqproto_duplicates_dropped_total``, ``qqproto_events_possibly_lost_total``
         (``SessionInvalidated``), ``qqproto_events_dropped_total`` (:meth:`dropped`: the
-        application's queue was full).
+        application's queue was full), and the histogram ``qqproto_timer_lag_seconds``
+        (:meth:`lag`: how late the protocol loop's timers fired).
     And, without a shard label, from a :class:`StallMonitor` given to :meth:`render`:
         ``qqproto_loop_stalls_total`` and the histogram ``qqproto_loop_stall_seconds``.
     """
@@ -201,6 +206,13 @@ class Metrics:
             ["shard"],
             registry=r,
         )
+        self.timer_lag = Histogram(
+            "qqproto_timer_lag_seconds",
+            "How late the protocol loop's timers fired (event-loop lag)",
+            ["shard"],
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
         self.loop_stalls = Counter(
             "qqproto_loop_stalls_total", "Event-loop stalls seen by the stall monitor", registry=r
         )
@@ -244,6 +256,10 @@ class Metrics:
             s.duplicates.inc()
         elif isinstance(event, SessionInvalidated):
             s.lost.inc()
+
+    def lag(self, shard: int, seconds: float) -> None:
+        """Record how late one of ``shard``'s protocol timers fired (``ShardDriver.on_lag``)."""
+        (self._shards.get(shard) or self._shard(shard)).lag.observe(seconds)
 
     def dropped(self, shard: int) -> None:
         """Count one event of ``shard`` dropped because the application's queue was full."""

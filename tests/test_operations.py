@@ -159,7 +159,7 @@ def notify(tmp_path):
     log.sock.close()
 
 
-async def test_blocked_loop_stops_the_pings_and_readyz_then_both_come_back(notify):
+async def test_blocked_loop_stops_the_pings_and_readyz_then_both_come_back(notify, caplog):
     async with FakeGatewayServer(gateway_config()) as server:
         stack = Stack(server, notify, fast_config())
 
@@ -193,6 +193,18 @@ async def test_blocked_loop_stops_the_pings_and_readyz_then_both_come_back(notif
             families = {f.name: f for f in text_string_to_metric_families(text)}
             stalls = families["qqproto_loop_stalls"].samples
             assert any(s.name == "qqproto_loop_stalls_total" and s.value >= 1 for s in stalls)
+            # The driver saw its own timers fire late: a histogram sample, and a WARNING on
+            # the shard's logger (beside the stall monitor's, which has the stack).
+            lag = {s.name: s.value for s in families["qqproto_timer_lag_seconds"].samples}
+            assert lag["qqproto_timer_lag_seconds_count"] >= 1
+            assert lag["qqproto_timer_lag_seconds_sum"] >= 1.0
+            late = [
+                r
+                for r in caplog.records
+                if r.name == "qqproto_io.shard.0" and "fired" in r.getMessage()
+            ]
+            assert late
+            assert late[0].levelno == logging.WARNING
             assert not stack.recorder.of(ZombieDetected), "a blocked loop is not a dead link"
 
         await stack.run(body)
