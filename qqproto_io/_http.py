@@ -168,7 +168,7 @@ class TokenSource:
 
     @property
     def current(self) -> str | None:
-        """The last token fetched (for the gateway-URL request), or ``None``."""
+        """The last token fetched, or ``None`` (never logged; for diagnostics and tests)."""
         return self._token
 
     async def get(self, *, force: bool = False) -> TokenGrant:
