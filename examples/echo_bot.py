@@ -2,9 +2,10 @@
 # answered with the same text, as a passive reply (the message's id as `msg_id`).
 #
 # The gateway session (heartbeats, resumes, backoff) is the client's business; the bot only
-# reads events and calls the REST API. Replies are awaited one by one inside the event loop
-# below: that delays the *next event*, never a heartbeat, because the protocol runs on a
-# task of its own and events wait in the client's queue.
+# reads events and calls the REST API with `client.request`, which uses the client's own
+# access token (one token for the session and the replies). Replies are awaited one by one
+# inside the event loop below: that delays the *next event*, never a heartbeat, because the
+# protocol runs on a task of its own and events wait in the client's queue.
 #
 #   QQBOT_APP_ID=... QQBOT_CLIENT_SECRET=... python examples/echo_bot.py
 #
@@ -18,19 +19,12 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import anyio
-import httpx
 
 # The examples' shared plumbing (examples/_common.py): the flags and printing events.
 from _common import parse_command_line, show
 
 from qqproto import Dispatch, FatalStop, Intents, SessionConfig
-from qqproto_io import (
-    Credentials,
-    GatewayClient,
-    HttpFailure,
-    RestApi,
-    TokenSource,
-)
+from qqproto_io import GatewayClient, HttpFailure
 
 if TYPE_CHECKING:
     import argparse
@@ -65,48 +59,26 @@ def reply_route(event: Dispatch) -> tuple[str, dict[str, JSONValue]] | None:
     return path, body
 
 
-class Replier:
-    """Posts messages with the bot's access token."""
-
-    def __init__(self, http: httpx.AsyncClient, tokens: TokenSource, app_id: str) -> None:
-        self._http = http
-        self._tokens = tokens
-        self._app_id = app_id
-
-    async def post(self, path: str, body: dict[str, JSONValue]) -> None:
-        try:
-            grant = await self._tokens.get()
-            headers = {"Authorization": f"QQBot {grant.token}", "X-Union-Appid": self._app_id}
-            response = await self._http.post(path, json=body, headers=headers)
-        except (HttpFailure, httpx.HTTPError) as exc:  # a failed reply must not stop the bot
-            print(f"reply to {path} failed: {type(exc).__name__}", flush=True)
-            return
-        print(f"replied POST {path} -> HTTP {response.status_code}", flush=True)
+async def reply(client: GatewayClient, path: str, body: dict[str, JSONValue]) -> None:
+    """Post one reply with the client's own token; a failed reply must not stop the bot."""
+    try:
+        await client.request("POST", path, body)
+    except HttpFailure as exc:  # its message names the path and status, never the token
+        print(f"reply failed: {exc}", flush=True)
+        return
+    print(f"replied POST {path}", flush=True)
 
 
 async def run(args: argparse.Namespace) -> int:
-    config = SessionConfig(intents=Intents.parse(args.intents))
-    # GatewayClient keeps its token to itself, so REST calls get their own token source;
-    # the platform hands both the same token while it is valid.
-    api = RestApi(
-        Credentials(args.app_id, args.client_secret),
-        api_base=args.api_base,
-        token_url=args.token_url,
-        timeout=config.http_timeout,
-    )
     client = GatewayClient(
         app_id=args.app_id,
         client_secret=args.client_secret,
-        config=config,
+        config=SessionConfig(intents=Intents.parse(args.intents)),
         api_base=args.api_base,
         token_url=args.token_url,
     )
     dispatches = fatal = 0
-    async with (
-        httpx.AsyncClient(base_url=args.api_base, timeout=config.http_timeout) as http,
-        client,
-    ):
-        replier = Replier(http, TokenSource(api), args.app_id)
+    async with client:
         with anyio.move_on_after(math.inf if args.seconds is None else args.seconds):
             async for event in client:
                 show(event)
@@ -115,11 +87,10 @@ async def run(args: argparse.Namespace) -> int:
                     continue
                 route = reply_route(event)
                 if route is not None:
-                    await replier.post(*route)
+                    await reply(client, *route)
                 dispatches += 1
                 if dispatches == args.dispatches:
                     break
-    await api.aclose()
     return 1 if fatal else 0
 
 

@@ -39,8 +39,9 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from anyio.abc import TaskGroup
-    from anyio.streams.memory import MemoryObjectReceiveStream
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+    from qqproto import JSONValue
     from qqproto_io._health import Metrics
     from qqproto_io._stores import IdentifyLimiter, SnapshotStore
 
@@ -81,6 +82,9 @@ class GatewayClient:
     Resume; ``close(end_session=True)`` ends them.
     """
 
+    _events_send: MemoryObjectSendStream[tuple[int, Event]]
+    _events: MemoryObjectReceiveStream[tuple[int, Event]]
+
     def __init__(
         self,
         *,
@@ -109,9 +113,7 @@ class GatewayClient:
         self._store = store or (SqliteSnapshotStore(snapshot_path) if snapshot_path else None)
         self._limiter = limiter or LocalIdentifyLimiter()
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-        send, receive = anyio.create_memory_object_stream[tuple[int, Event]](max_queued_events)
-        self._events_send = send
-        self._events = receive
+        self._max_queued_events = max_queued_events
         self.dropped_events = 0
         self.metrics = metrics
         self._handlers: dict[str, list[Callable[[Dispatch], Awaitable[None]]]] = {}
@@ -119,11 +121,17 @@ class GatewayClient:
         self.drivers: dict[int, ShardDriver] = {}
         self._running = 0
         self._api: RestApi | None = None
+        self._tokens: TokenSource | None = None
         self._stopped = anyio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Self:
+        # Made here, not in __init__: a client that is never entered leaves nothing open.
+        send, receive = anyio.create_memory_object_stream[tuple[int, Event]](
+            self._max_queued_events
+        )
+        self._events_send, self._events = send, receive
         api = RestApi(
             self._credentials,
             api_base=self._api_base,
@@ -133,9 +141,12 @@ class GatewayClient:
         )
         self._api = api
         tokens = TokenSource(api, refresh_margin=self.config.token_refresh_margin)
+        self._tokens = tokens
         try:
             shards = await self._shards(api, tokens)
         except BaseException:
+            send.close()
+            receive.close()
             with anyio.CancelScope(shield=True):
                 await api.aclose()
             raise
@@ -214,6 +225,30 @@ class GatewayClient:
             if self._running == 0:
                 self._stopped.set()
                 self._events_send.close()
+
+    async def request(self, method: str, path: str, json: JSONValue = None) -> JSONValue:
+        """Call the bot OpenAPI with the client's own access token (shared with the shards).
+
+        For example, a passive reply to a C2C message::
+
+            await client.request(
+                "POST",
+                f"/v2/users/{openid}/messages",
+                {"content": "hi", "msg_type": 0, "msg_id": dispatch.data["id"]},
+            )
+
+        Returns:
+            The response body as JSON (``None`` for an empty one).
+
+        Raises:
+            HttpFailure: the token or the call failed (the message names the method, the
+                path and the status; never the token or the body).
+            RuntimeError: the client is not entered.
+        """
+        if self._api is None or self._tokens is None:
+            raise RuntimeError("GatewayClient.request() outside 'async with'")
+        grant = await self._tokens.get()
+        return await self._api.request(method, path, token=grant.token, json=json)
 
     # --------------------------------------------------------------------- events
 

@@ -29,6 +29,8 @@ from qqproto import (
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from qqproto import JSONValue
+
 __all__ = [
     "DEFAULT_API_BASE",
     "DEFAULT_TOKEN_URL",
@@ -94,9 +96,9 @@ class RestApi:
         """``POST getAppAccessToken``.
 
         Raises:
-            HttpFailure: transport error, non-200 status, or an unusable body.
+            HttpFailure: transport error, a status outside 2xx, or an unusable body.
         """
-        body = {
+        body: JSONValue = {
             "appId": self._credentials.app_id,
             "clientSecret": self._credentials.client_secret,
         }
@@ -112,7 +114,7 @@ class RestApi:
         Raises:
             HttpFailure: both failed.
         """
-        headers = {"Authorization": f"QQBot {token}", "X-Union-Appid": self._credentials.app_id}
+        headers = self._auth(token)
         try:
             data = await self._call("GET", f"{self._api_base}/gateway/bot", headers=headers)
             return parse_gateway_response(data)
@@ -123,25 +125,52 @@ class RestApi:
         except InvalidResponse as exc:
             raise HttpFailure(f"gateway: {exc}") from None
 
+    async def request(
+        self, method: str, path: str, *, token: str, json: JSONValue = None
+    ) -> JSONValue:
+        """Call the bot OpenAPI (``POST /v2/users/{openid}/messages``, ...) with ``token``.
+
+        Args:
+            method: the HTTP method.
+            path: the path under the REST base, starting with ``/``.
+            token: the access token (``Authorization: QQBot <token>``).
+            json: the request body, if any.
+
+        Returns:
+            The response body parsed as JSON (``None`` for an empty body).
+
+        Raises:
+            HttpFailure: a transport error, a status outside 2xx, or a body that is not JSON.
+                Its message names the method, path and status, never the body or token.
+        """
+        url = f"{self._api_base}{path}"
+        return await self._call(method, url, json=json, headers=self._auth(token))
+
+    def _auth(self, token: str) -> dict[str, str]:
+        return {"Authorization": f"QQBot {token}", "X-Union-Appid": self._credentials.app_id}
+
     async def _call(
         self,
         method: str,
         url: str,
         *,
-        json: Mapping[str, str] | None = None,
+        json: JSONValue = None,
         headers: Mapping[str, str] | None = None,
-    ) -> object:
+    ) -> JSONValue:
         try:
             response = await self._client.request(method, url, json=json, headers=headers)
         except httpx.HTTPError as exc:
             # httpx messages name the URL and the error, never the body or headers.
             raise HttpFailure(f"{method} {_path(url)}: {type(exc).__name__}") from None
-        if response.status_code != 200:
+        if not 200 <= response.status_code < 300:
             raise HttpFailure(f"{method} {_path(url)}: HTTP {response.status_code}")
+        if not response.content:
+            return None
         try:
-            return response.json()
+            data: JSONValue = response.json()
         except ValueError:
             raise HttpFailure(f"{method} {_path(url)}: body is not JSON") from None
+        return data
 
 
 def _path(url: str) -> str:

@@ -57,7 +57,7 @@ from qqproto_io import _cli, _stores
 from qqproto_io._client import GatewayClient
 from qqproto_io._driver import ShardDriver
 from qqproto_io._fake_server import FakeGatewayServer
-from qqproto_io._http import Credentials, RestApi, TokenSource
+from qqproto_io._http import Credentials, HttpFailure, RestApi, TokenSource
 from qqproto_io._proxy import ProxyConfig, ProxyError, open_stream, proxy_from_env
 from qqproto_io._stores import LocalIdentifyLimiter
 from qqproto_io._transport import Transport, TransportLimits, TransportMessage, TransportOpened
@@ -907,6 +907,32 @@ async def test_a_message_in_the_same_read_as_the_handshake_is_not_held_back():
                 assert json.loads(hello.text)["op"] == 10
                 transport.abort()
             tg.cancel_scope.cancel()
+
+
+async def test_client_request_calls_the_openapi_with_the_sessions_token():
+    with anyio.fail_after(BOUND):
+        async with (
+            FakeGatewayServer(gateway_config()) as server,
+            running(server) as (client, rec),
+        ):
+            await rec.next(Ready)
+            body = {"content": "hi", "msg_type": 0, "msg_id": "m1"}
+            reply = await client.request("POST", "/v2/users/OPENID1/messages", body)
+            assert isinstance(reply, dict)
+            assert reply["id"] == "FAKEMSG00000001"
+            assert server.gateway.rest_posts == [("POST", "/v2/users/OPENID1/messages", body)]
+            assert len(server.gateway.tokens) == 1  # the session's token, not a new one
+            with pytest.raises(HttpFailure) as failure:
+                await client.request("GET", "/v2/nowhere")
+            message = str(failure.value)
+            assert message == "GET /v2/nowhere: HTTP 404"
+            assert server.gateway.tokens[0].value not in message
+
+
+async def test_client_request_outside_the_block_is_a_clear_error():
+    client = GatewayClient(app_id="1", client_secret="s")
+    with pytest.raises(RuntimeError, match="outside 'async with'"):
+        await client.request("GET", "/users/@me")
 
 
 # ------------------------------------------------------------------ proxy configuration

@@ -333,8 +333,9 @@ async def test_echo_bot_replies_to_c2c_and_group_messages(monkeypatch, capsys):
         ),
     ]
     printed = capsys.readouterr().out
-    assert "replied POST /v2/users/FAKEOPENID0001/messages -> HTTP 200" in printed
-    assert "replied POST /v2/groups/FAKEGROUP0001/messages -> HTTP 200" in printed
+    assert "replied POST /v2/users/FAKEOPENID0001/messages\n" in printed
+    assert "replied POST /v2/groups/FAKEGROUP0001/messages\n" in printed
+    assert "reply failed" not in printed
 
 
 @pytest.mark.parametrize("name", ["threaded_client.py", "asyncio_client.py", "echo_bot.py"])
