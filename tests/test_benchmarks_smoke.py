@@ -1,8 +1,10 @@
-"""Smoke test: the codec benchmark still runs (its numbers are not checked)."""
+"""Smoke tests: the benchmarks still run and print their tables (numbers are not checked)."""
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,3 +37,51 @@ def test_codec_benchmark_quick_run_prints_its_table(capsys: pytest.CaptureFixtur
     assert "goal: decode_payload <= 0.6x json.loads" in out
     verdicts = [line for line in out.splitlines() if line.rstrip().endswith("met")]
     assert len(verdicts) == 2
+
+
+RUN = BENCHMARK.parent / "run.py"
+
+# Every goal the table must list, whatever the machine measured.
+GOALS = (
+    ("qqproto / botpy (disp/s)", ">= 1.1x"),
+    ("qqproto / bare (disp/s)", ">= 1.0x"),
+    ("server ceiling / fastest client", ">= 2x"),
+    ("core / json.loads", "<= 0.8x"),
+    ("1 session, 1 virtual h", ">= 86,400x"),
+    ("100 shards", ">= 86,400x"),
+    ("RSS over", "< 1 % growth"),
+    ("gc objects over", "< 1 % growth"),
+    ("open fds over", "equal"),
+    ("idle RSS qqproto / botpy", "<= 0.8x"),
+    ("(a) last ACK -> ZombieDetected", "<= 2 s"),
+    ("(b) ZombieDetected -> Resumed", "<= "),
+)
+
+
+def test_run_quick_prints_every_figure_with_its_goal() -> None:
+    # A subprocess, as a user runs it (and so that its sockets and loops stay out of ours).
+    done = subprocess.run(  # noqa: S603
+        [sys.executable, str(RUN), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    for figure in ("== 1 receive", "== 2 core alone", "== 3 simulation", "== 4 memory"):
+        assert figure in out
+    for figure in ("== 5 idle cost", "== 6 zombie"):
+        assert figure in out
+    lines = out.splitlines()
+    for measure, goal in GOALS:
+        matching = [line for line in lines if measure in line and goal in line]
+        assert matching, f"no row for {measure!r} with goal {goal!r}"
+        verdict = matching[0].rstrip()
+        assert verdict.endswith(("met", "NOT met", "n/a")), verdict
+    for label in ("(a) bare", "(b) qqproto_io.GatewayClient", "(c) botpy", "(d) byte counter"):
+        assert label in out
+    if importlib.util.find_spec("botpy") is None:
+        assert "n/a: qq-botpy not installed" in out
+    assert "failed" not in out, out
+    assert "goals met:" in out
