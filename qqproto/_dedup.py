@@ -24,13 +24,16 @@ class SeenIds:
     scans over the holes its deletions left).
     """
 
-    __slots__ = ("_items", "_max_age", "_max_items", "_order")
+    __slots__ = ("_expires_at", "_items", "_max_age", "_max_items", "_order")
 
     def __init__(self, *, max_items: int, max_age: float) -> None:
         self._items: dict[str, float] = {}
         self._order: deque[tuple[float, str]] = deque()
         self._max_items = max_items
         self._max_age = max_age
+        # When the oldest entry expires: until then an insertion under the count bound
+        # needs no look at the queue at all (the hot path is one comparison).
+        self._expires_at = float("-inf")
 
     def __len__(self) -> int:
         return len(self._items)
@@ -42,8 +45,13 @@ class SeenIds:
         if seen_at is not None and now - seen_at <= self._max_age:
             return True
         items[key] = now
-        order = self._order
-        order.append((now, key))
+        self._order.append((now, key))
+        if now > self._expires_at or len(items) > self._max_items:
+            self._expire(now)
+        return False
+
+    def _expire(self, now: float) -> None:
+        items, order = self._items, self._order
         horizon = now - self._max_age
         while order:
             at, oldest = order[0]
@@ -52,4 +60,5 @@ class SeenIds:
             order.popleft()
             if items.get(oldest) == at:
                 del items[oldest]
-        return False
+        # Never empty here: the entry just added is younger than the horizon.
+        self._expires_at = order[0][0] + self._max_age

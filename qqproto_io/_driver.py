@@ -41,7 +41,7 @@ from qqproto_io._transport import (
     Transport,
     TransportClosed,
     TransportLimits,
-    TransportMessage,
+    TransportMessages,
     TransportOpened,
 )
 
@@ -132,9 +132,14 @@ class ShardDriver:
                 self._execute(conn.drain())
                 if conn.state in _TERMINAL:
                     break
-                deadline = conn.get_timer()
-                with anyio.CancelScope(deadline=math.inf if deadline is None else deadline):
-                    self._apply(await self._inbox_receive.receive())
+                try:
+                    # Under load something is always waiting: take it without a cancel
+                    # scope or a trip through the event loop.
+                    self._apply(self._inbox_receive.receive_nowait())
+                except anyio.WouldBlock:
+                    deadline = conn.get_timer()
+                    with anyio.CancelScope(deadline=math.inf if deadline is None else deadline):
+                        self._apply(await self._inbox_receive.receive())
                 # Everything already received goes in before any timer runs (invariant 3).
                 while True:
                     try:
@@ -167,8 +172,10 @@ class ShardDriver:
         conn = self.conn
         # A transport's ident is its OpenConnection.attempt: the core itself ignores the
         # reports of transports it has given up on, however late they arrive.
-        if isinstance(item, TransportMessage):
-            conn.receive(item.text, now, attempt=item.ident)
+        if isinstance(item, TransportMessages):
+            receive, attempt = conn.receive, item.ident
+            for text in item.texts:
+                receive(text, now, attempt=attempt)
         elif isinstance(item, TransportOpened):
             conn.connection_opened(now, attempt=item.ident)
         elif isinstance(item, TransportClosed):

@@ -60,7 +60,7 @@ from qqproto_io._fake_server import FakeGatewayServer
 from qqproto_io._http import Credentials, HttpFailure, RestApi, TokenSource
 from qqproto_io._proxy import ProxyConfig, ProxyError, open_stream, proxy_from_env
 from qqproto_io._stores import LocalIdentifyLimiter
-from qqproto_io._transport import Transport, TransportLimits, TransportMessage, TransportOpened
+from qqproto_io._transport import Transport, TransportLimits, TransportMessages, TransportOpened
 
 pytestmark = pytest.mark.anyio
 
@@ -854,8 +854,8 @@ async def test_aborted_transport_closes_its_socket_and_streams():
                     transport.start(tg)
                     assert await inbox.receive() == TransportOpened(1)
                     hello = await inbox.receive()
-                    assert isinstance(hello, TransportMessage)
-                    assert json.loads(hello.text)["op"] == 10
+                    assert isinstance(hello, TransportMessages)
+                    assert json.loads(hello.texts[0])["op"] == 10
                     transport.abort()
                 # The task group waited for the transport's task: it has ended.
                 with pytest.raises(anyio.WouldBlock):
@@ -903,8 +903,8 @@ async def test_a_message_in_the_same_read_as_the_handshake_is_not_held_back():
                 assert await inbox.receive() == TransportOpened(1)
                 with anyio.fail_after(5):
                     hello = await inbox.receive()
-                assert isinstance(hello, TransportMessage)
-                assert json.loads(hello.text)["op"] == 10
+                assert isinstance(hello, TransportMessages)
+                assert json.loads(hello.texts[0])["op"] == 10
                 transport.abort()
             tg.cancel_scope.cancel()
 
@@ -933,6 +933,35 @@ async def test_client_request_outside_the_block_is_a_clear_error():
     client = GatewayClient(app_id="1", client_secret="s")
     with pytest.raises(RuntimeError, match="outside 'async with'"):
         await client.request("GET", "/users/@me")
+
+
+async def test_a_busy_reader_takes_queued_events_at_once_but_still_lets_others_run():
+    from qqproto_io._client import _YIELD_EVERY, _ShardEvents
+
+    send, receive = anyio.create_memory_object_stream[tuple[int, object]](1000)
+    turns = 0
+
+    async def other_task() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await anyio.lowlevel.checkpoint()
+
+    with send, receive:
+        for i in range(10 * _YIELD_EVERY):
+            send.send_nowait((0, i))
+        send.close()
+        reader = _ShardEvents(receive)  # type: ignore[arg-type]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other_task)
+            await anyio.lowlevel.checkpoint()
+            before = turns
+            got = [event async for _, event in reader]
+            during = turns - before
+            tg.cancel_scope.cancel()
+    assert got == list(range(10 * _YIELD_EVERY))  # all of them, in order, then the end
+    # The other task ran about once per _YIELD_EVERY events: not once per event, not never.
+    assert 9 <= during <= 12
 
 
 # ------------------------------------------------------------------ proxy configuration
