@@ -6,36 +6,36 @@ sockets; `FakeGatewayServer` serves `qqproto.testing`'s fake gateway on loopback
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
 
-from qqproto_io._client import GatewayClient
-from qqproto_io._driver import ShardDriver
-from qqproto_io._fake_server import FakeGatewayServer
-from qqproto_io._health import HealthServer, Metrics
-from qqproto_io._http import (
-    DEFAULT_API_BASE,
-    DEFAULT_TOKEN_URL,
-    SANDBOX_API_BASE,
-    Credentials,
-    HttpFailure,
-    RestApi,
-    TokenSource,
-)
-from qqproto_io._proxy import ProxyConfig, ProxyError, proxy_from_env
-from qqproto_io._shards import ShardPlan
-from qqproto_io._stall import StallMonitor
-from qqproto_io._stores import (
-    IdentifyBudgetExhausted,
-    IdentifyLimiter,
-    LocalIdentifyLimiter,
-    SnapshotStore,
-    SqliteSnapshotStore,
-)
-from qqproto_io._systemd import SystemdNotifier, run_systemd, watchdog_verdict
-from qqproto_io._transport import TransportLimits
-
 if TYPE_CHECKING:
+    from qqproto_io._client import GatewayClient
+    from qqproto_io._driver import ShardDriver
+    from qqproto_io._fake_server import FakeGatewayServer
+    from qqproto_io._health import HealthServer, Metrics
+    from qqproto_io._http import (
+        DEFAULT_API_BASE,
+        DEFAULT_TOKEN_URL,
+        SANDBOX_API_BASE,
+        Credentials,
+        HttpFailure,
+        RestApi,
+        TokenSource,
+    )
+    from qqproto_io._proxy import ProxyConfig, ProxyError, proxy_from_env
     from qqproto_io._redis import RedisIdentifyLimiter, RedisSnapshotStore
+    from qqproto_io._shards import ShardPlan
+    from qqproto_io._stall import StallMonitor
+    from qqproto_io._stores import (
+        IdentifyBudgetExhausted,
+        IdentifyLimiter,
+        LocalIdentifyLimiter,
+        SnapshotStore,
+        SqliteSnapshotStore,
+    )
+    from qqproto_io._systemd import SystemdNotifier, run_systemd, watchdog_verdict
+    from qqproto_io._transport import TransportLimits
 
 __all__ = [
     "DEFAULT_API_BASE",
@@ -69,10 +69,49 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    # The Redis classes import redis.asyncio (a quarter of a second); only their users pay.
-    if name in {"RedisIdentifyLimiter", "RedisSnapshotStore"}:
-        from qqproto_io import _redis  # noqa: PLC0415 - deliberately lazy
+# Each name is imported on first use, so that a process pays only for what it uses: the CLI
+# without --health-port never loads prometheus_client, a bot never loads the fake gateway,
+# and nobody but a fleet loads redis (idle RSS is one of the benchmarks).
+_HOME = {
+    "GatewayClient": "_client",
+    "ShardDriver": "_driver",
+    "FakeGatewayServer": "_fake_server",
+    "HealthServer": "_health",
+    "Metrics": "_health",
+    "DEFAULT_API_BASE": "_http",
+    "DEFAULT_TOKEN_URL": "_http",
+    "SANDBOX_API_BASE": "_http",
+    "Credentials": "_http",
+    "HttpFailure": "_http",
+    "RestApi": "_http",
+    "TokenSource": "_http",
+    "ProxyConfig": "_proxy",
+    "ProxyError": "_proxy",
+    "proxy_from_env": "_proxy",
+    "RedisIdentifyLimiter": "_redis",
+    "RedisSnapshotStore": "_redis",
+    "ShardPlan": "_shards",
+    "StallMonitor": "_stall",
+    "IdentifyBudgetExhausted": "_stores",
+    "IdentifyLimiter": "_stores",
+    "LocalIdentifyLimiter": "_stores",
+    "SnapshotStore": "_stores",
+    "SqliteSnapshotStore": "_stores",
+    "SystemdNotifier": "_systemd",
+    "run_systemd": "_systemd",
+    "watchdog_verdict": "_systemd",
+    "TransportLimits": "_transport",
+}
 
-        return getattr(_redis, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __getattr__(name: str) -> object:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value  # the next lookup is an ordinary one
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

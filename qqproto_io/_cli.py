@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 import anyio
 
 from qqproto import FatalStop, Intents, SessionConfig, __version__
-from qqproto.testing import FakeGatewayConfig, Simulation
 from qqproto_io._http import DEFAULT_API_BASE, DEFAULT_TOKEN_URL, SANDBOX_API_BASE
 from qqproto_io._logging import ROOT_LOGGER, EventLogger, configure_logging
 from qqproto_io._shards import ShardPlan
@@ -204,8 +203,9 @@ def _exit_code(fatal: FatalStop | None) -> int:
 
 
 async def _run(args: argparse.Namespace, out: TextIO) -> int:
-    from qqproto_io._client import GatewayClient  # noqa: PLC0415 - keeps `--help` fast
-    from qqproto_io._health import HealthServer, Metrics  # noqa: PLC0415
+    # Imported here, and the optional parts only when asked for: `--help` stays fast and an
+    # idle session stays small (prometheus_client only with --health-port).
+    from qqproto_io._client import GatewayClient  # noqa: PLC0415
     from qqproto_io._stall import StallMonitor  # noqa: PLC0415
     from qqproto_io._systemd import SystemdNotifier, run_systemd  # noqa: PLC0415
 
@@ -213,7 +213,11 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     console = _Console(out, args.log_format, verbose=args.verbose)
     # Under systemd (Type=notify): READY=1, STATUS=, WATCHDOG=1 only while every shard is live.
     notifier = SystemdNotifier.from_env()
-    metrics = Metrics()
+    metrics = None
+    if args.health_port is not None:
+        from qqproto_io._health import Metrics  # noqa: PLC0415
+
+        metrics = Metrics()
     fatal: FatalStop | None = None
 
     async def session(app_id: str, secret: str, api_base: str, token_url: str) -> None:
@@ -246,7 +250,8 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
             # A WARNING with the blocking stack when something holds the event loop.
             stall = StallMonitor()
             tg.start_soon(stall.run, name="qqproto stall monitor")
-            if args.health_port is not None:
+            if metrics is not None:
+                from qqproto_io._health import HealthServer  # noqa: PLC0415
 
                 async def serve_health() -> None:
                     async with HealthServer(
@@ -309,8 +314,6 @@ async def _run_session(
     session: Callable[[str, str, str, str], Awaitable[None]],
 ) -> None:
     """Run ``session`` against the real gateway, or the embedded fake without credentials."""
-    from qqproto_io._fake_server import FakeGatewayServer  # noqa: PLC0415
-
     if args.app_id and args.client_secret:
         api_base = args.api_base or (SANDBOX_API_BASE if args.sandbox else DEFAULT_API_BASE)
         await session(args.app_id, args.client_secret, api_base, args.token_url)
@@ -320,6 +323,9 @@ async def _run_session(
             "embedded fake gateway on loopback (a message every 5 s, a rotation every 60 s).\n"
             "Stop with Ctrl-C. Set the two variables to connect to the real QQ gateway.\n"
         )
+        from qqproto.testing import FakeGatewayConfig  # noqa: PLC0415
+        from qqproto_io._fake_server import FakeGatewayServer  # noqa: PLC0415
+
         gateway = FakeGatewayConfig(hello_interval_ms=5_000, rotate_every=60.0)
         async with FakeGatewayServer(gateway, message_interval=5.0) as server:
             cfg = server.gateway.config
@@ -346,6 +352,8 @@ async def _redis_fleet(
 
 def run_simulation(minutes: float, seed: int, console: _Console) -> int:
     """Play a session against the fake gateway on a virtual clock and print its events."""
+    from qqproto.testing import FakeGatewayConfig, Simulation  # noqa: PLC0415
+
     # A short heartbeat and rotation so that the interesting moments fit in a few minutes.
     gateway = FakeGatewayConfig(hello_interval_ms=20_000, rotate_every=300.0)
     sim = Simulation(seed=seed, gateway=gateway)
@@ -378,6 +386,7 @@ def run_simulation(minutes: float, seed: int, console: _Console) -> int:
 
 
 async def _serve_fake(args: argparse.Namespace, out: TextIO) -> int:
+    from qqproto.testing import FakeGatewayConfig  # noqa: PLC0415
     from qqproto_io._fake_server import FakeGatewayServer  # noqa: PLC0415
 
     config = FakeGatewayConfig(
