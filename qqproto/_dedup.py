@@ -13,9 +13,14 @@ from collections import deque
 
 __all__ = ["SeenIds"]
 
+_SLACK = 1 / 64
+
 
 class SeenIds:
-    """Remembers up to ``max_items`` ids for at most ``max_age`` seconds.
+    """Remembers up to ``max_items`` ids for ``max_age`` seconds.
+
+    An id is a duplicate while it is at most ``max_age`` old. The memory holds at most
+    ``max_items`` ids, and lets go of older ones in batches (at most ``max_age / 64`` late).
 
     A dict answers "seen?" and a deque keeps insertion (= age) order, so expiry only ever
     looks at the front. A key added again after it expired leaves a stale entry in the
@@ -31,8 +36,10 @@ class SeenIds:
         self._order: deque[tuple[float, str]] = deque()
         self._max_items = max_items
         self._max_age = max_age
-        # When the oldest entry expires: until then an insertion under the count bound
-        # needs no look at the queue at all (the hot path is one comparison).
+        # When to look at the queue next: once the oldest entry is a little past its age
+        # (``_SLACK`` of it), so that at a steady rate one look expires a batch instead of
+        # one look per insertion. Entries kept a little longer change no answer: a hit is
+        # judged by its own age.
         self._expires_at = float("-inf")
 
     def __len__(self) -> int:
@@ -61,4 +68,4 @@ class SeenIds:
             if items.get(oldest) == at:
                 del items[oldest]
         # Never empty here: the entry just added is younger than the horizon.
-        self._expires_at = order[0][0] + self._max_age
+        self._expires_at = order[0][0] + self._max_age * (1.0 + _SLACK)

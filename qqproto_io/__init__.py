@@ -7,7 +7,12 @@ sockets; `FakeGatewayServer` serves `qqproto.testing`'s fake gateway on loopback
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING
+
+# A library logs and the application decides where it goes: without this, Python's "last
+# resort" handler would print every WARNING of an unconfigured program to stderr.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
     from qqproto_io._client import GatewayClient
