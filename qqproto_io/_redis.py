@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Self
 import anyio
 from redis.exceptions import RedisError
 
+from qqproto._backoff import backoff_window
 from qqproto_io._stores import (
     IDENTIFY_WINDOW,
     IdentifyBudgetExhausted,
@@ -97,7 +98,8 @@ return 1
 
 
 def _backoff(failures: int, first: float, cap: float) -> float:
-    return float(min(cap, first * 2 ** min(failures, 30)))
+    # Doubling from `first`, capped, without jitter: one client per process retries.
+    return backoff_window(failures + 1, base=first, cap=cap)
 
 
 class RedisIdentifyLimiter:
