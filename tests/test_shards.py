@@ -269,3 +269,28 @@ async def test_a_killed_process_resumes_from_its_sqlite_snapshot_without_loss_or
     every = first.dispatched() + second.dispatched()
     assert every == [f"C2C_MESSAGE_CREATE:fake{n:08d}" for n in range(1, 9)]
     assert len(server.gateway.identifies) == 1
+
+
+def test_qqproto_run_with_redis_keeps_its_snapshot_in_redis(redis_server):
+    # `--redis-url` switches the store (and the limiter) to Redis: the session's snapshot
+    # lands in the bot's hash, readable by any other process of the fleet.
+    import subprocess
+
+    import redis
+
+    url = f"redis://{redis_server.host}:{redis_server.port}/0"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QQBOT_")}
+    code = "import sys; from qqproto_io._cli import main; sys.exit(main())"
+    argv = [sys.executable, "-c", code, "run", "--redis-url", url, "--seconds", "7"]
+    done = subprocess.run(  # noqa: S603 - our interpreter, our module
+        argv, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ready: new session" in done.stdout
+    app_id = FakeGatewayConfig().app_id  # the embedded fake gateway's
+    with redis.Redis(host=redis_server.host, port=redis_server.port) as client:
+        stored = client.hgetall(f"{{qqproto:{app_id}}}:snapshots")
+    assert list(stored) == [b"0/1"]
+    snapshot = json.loads(stored[b"0/1"])
+    assert snapshot["session_id"]
+    assert snapshot["seq"] >= 1
