@@ -3,7 +3,7 @@
 # Theory of operation. `Metrics` owns a private `CollectorRegistry` (never the process-global
 # one, so two clients in one process, or a test suite, never collide). Counters move as core
 # events pass through `observe(shard, event)`, which the application calls from wherever it
-# sees events (GatewayClient's `_enqueue`, or its own event loop). The per-dispatch cost is
+# sees events (GatewayClient does it as the protocol loop produces them). The per-dispatch cost is
 # one `type()` comparison and one counter increment on a child cached per shard: no
 # `.labels()` lookup on the hot path. Gauges that describe "now" (the ACK age) and the stall
 # figures, which a watcher thread appends to `StallMonitor.stalls`, are brought up to date at
