@@ -32,6 +32,7 @@ __all__ = [
     "Dispatch",
     "DuplicateDropped",
     "Event",
+    "EventsDropped",
     "FatalStop",
     "FetchGateway",
     "FetchToken",
@@ -339,6 +340,22 @@ class DuplicateDropped(Event):
     type: str
     seq: int | None
     key: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventsDropped(Event):
+    """The application fell behind: ``count`` events before this one were not delivered.
+
+    Emitted by a driver whose queue to the application was full (``qqproto_io``'s
+    ``GatewayClient`` drops the newest events rather than stall the protocol), never by the
+    core. It takes the place of the missing events in the stream, so the application knows
+    where dispatches may be missing.
+
+    Attributes:
+        count: how many events were dropped since the last one delivered.
+    """
+
+    count: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

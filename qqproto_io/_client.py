@@ -8,7 +8,8 @@
 # the handler task: heartbeats continue, so the gateway never sees a dead client (the
 # discord.py "heartbeat blocked" failure, and hermes #33727). When the queue is full the
 # *newest* event is dropped and counted (and a warning logged once per burst) rather than
-# blocking the protocol loops: losing the link would lose far more.
+# blocking the protocol loops: losing the link would lose far more. The loss is not silent:
+# once there is room again, an `EventsDropped(count)` takes the gap's place in the stream.
 """The anyio gateway client for applications."""
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from typing import TYPE_CHECKING, Self
 import anyio
 import anyio.lowlevel
 
-from qqproto import Dispatch, Event, GatewayConnection, SessionConfig, SessionState
+from qqproto import (
+    Dispatch,
+    Event,
+    EventsDropped,
+    GatewayConnection,
+    SessionConfig,
+    SessionState,
+)
 from qqproto_io._driver import ShardDriver
 from qqproto_io._http import (
     DEFAULT_API_BASE,
@@ -283,12 +291,21 @@ class GatewayClient:
         return lambda seconds: metrics.lag(shard_id, seconds)
 
     def _enqueuer(self, shard_id: int) -> Callable[[Event], None]:
+        missing = 0  # dropped since the last event this shard delivered
+
         def enqueue(event: Event) -> None:
+            nonlocal missing
             if self.metrics is not None:
                 self.metrics.observe(shard_id, event)
+            send = self._events_send.send_nowait
             try:
-                self._events_send.send_nowait((shard_id, event))
+                if missing:
+                    # The gap is announced where it is, before anything after it.
+                    send((shard_id, EventsDropped(count=missing)))
+                    missing = 0
+                send((shard_id, event))
             except anyio.WouldBlock:
+                missing += 1
                 self.dropped_events += 1
                 if self.metrics is not None:
                     self.metrics.dropped(shard_id)

@@ -16,6 +16,7 @@ from qqproto import (
     DisconnectStorm,
     Dispatch,
     DuplicateDropped,
+    EventsDropped,
     FatalStop,
     HeartbeatAcknowledged,
     HelloReceived,
@@ -156,6 +157,13 @@ def describe_event(event: Event) -> Description:
             debug,
             f"duplicate {event.type} seq={event.seq} dropped (same {event.key})",
             {"type": event.type, "seq": event.seq, "key": event.key},
+        )
+    if isinstance(event, EventsDropped):
+        return Description(
+            "events_dropped",
+            warning,
+            f"the application fell behind: {event.count} events were dropped here",
+            {"count": event.count},
         )
     if isinstance(event, ProtocolViolation):
         return Description(

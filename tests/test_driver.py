@@ -36,6 +36,7 @@ from qqproto import (
     Disconnected,
     Dispatch,
     Event,
+    EventsDropped,
     FatalStop,
     GatewayConnection,
     HeartbeatAcknowledged,
@@ -962,6 +963,37 @@ async def test_a_busy_reader_takes_queued_events_at_once_but_still_lets_others_r
     assert got == list(range(10 * _YIELD_EVERY))  # all of them, in order, then the end
     # The other task ran about once per _YIELD_EVERY events: not once per event, not never.
     assert 9 <= during <= 12
+
+
+async def test_a_full_application_queue_drops_the_newest_and_says_so_in_the_stream():
+    with anyio.fail_after(BOUND):
+        async with FakeGatewayServer(gateway_config()) as server:
+            client = make_client(server, max_queued_events=8)
+            async with client:
+                # Nobody reads: the queue fills with the session's first events.
+                await wait_until(lambda: client.state is SessionState.READY)
+                for n in range(1, 21):
+                    server.message(n)
+                await wait_until(lambda: client.dropped_events >= 10)
+                dropped_before_reading = client.dropped_events
+                events = []
+                async for event in client:
+                    events.append(event)
+                    if isinstance(event, Dispatch) and event.event_id.endswith("00000021"):
+                        break
+                    if len(events) == 8:  # the queue drained: make more arrive
+                        server.message(21)
+            notices = [e for e in events if isinstance(e, EventsDropped)]
+            assert len(notices) == 1
+            # The notice stands where the gap is: after the queued ones, before the new one.
+            assert events.index(notices[0]) == 8
+            assert isinstance(events[-1], Dispatch)
+            assert notices[0].count == dropped_before_reading == client.dropped_events
+            numbers = [int(e.event_id[-8:]) for e in events if isinstance(e, Dispatch)]
+            assert numbers == sorted(numbers)
+            assert numbers[-1] == 21
+            # Every message the application did not get is within the announced count.
+            assert len(set(range(1, 21)) - set(numbers)) <= notices[0].count
 
 
 # ------------------------------------------------------------------ proxy configuration
