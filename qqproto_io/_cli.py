@@ -129,6 +129,14 @@ def _parser() -> argparse.ArgumentParser:
         help="SQLite file to resume the sessions from after a restart (env QQBOT_SNAPSHOT)",
     )
     run.add_argument(
+        "--liveness-budget",
+        type=float,
+        default=_env("QQBOT_LIVENESS_BUDGET", "300"),  # argparse applies `type` to it
+        metavar="SECONDS",
+        help="how long a shard may reconnect before the systemd watchdog and /readyz give "
+        "up on it (env QQBOT_LIVENESS_BUDGET; default 300)",
+    )
+    run.add_argument(
         "--health-port",
         type=int,
         default=None,
@@ -191,7 +199,9 @@ def _session_config(args: argparse.Namespace) -> tuple[SessionConfig, ShardPlan 
     """The session settings and shard plan the flags ask for (ValueError: a usage error)."""
     shard_id, _, count = str(args.shard).partition(",")
     config = SessionConfig(
-        intents=Intents.parse(str(args.intents)), shard=(int(shard_id), int(count or 1))
+        intents=Intents.parse(str(args.intents)),
+        shard=(int(shard_id), int(count or 1)),
+        liveness_budget=args.liveness_budget,
     )
     return config, ShardPlan.parse(args.shards) if args.shards else None
 

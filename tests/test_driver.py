@@ -438,6 +438,20 @@ def test_cli_run_against_the_embedded_fake_gateway_prints_json_events():
     assert FakeGatewayConfig().client_secret not in output
 
 
+def test_cli_liveness_budget_reaches_the_session_config(monkeypatch, capsys):
+    args = _cli._parser().parse_args(["run", "--liveness-budget", "42"])
+    assert _cli._session_config(args)[0].liveness_budget == 42.0
+    monkeypatch.setenv("QQBOT_LIVENESS_BUDGET", "90")
+    args = _cli._parser().parse_args(["run"])
+    assert _cli._session_config(args)[0].liveness_budget == 90.0
+    assert _cli.main(["run", "--liveness-budget", "-1"]) == _cli.EXIT_USAGE
+    assert "liveness_budget must be a finite number >= 0" in capsys.readouterr().err
+    monkeypatch.setenv("QQBOT_LIVENESS_BUDGET", "soon")
+    with pytest.raises(SystemExit) as usage:
+        _cli._parser().parse_args(["run"])
+    assert usage.value.code == _cli.EXIT_USAGE
+
+
 def test_cli_fake_gateway_rejects_an_unknown_fault(capsys):
     # `--fault NAME` only turns a switch on (sets it to True): it cannot script a close code
     # such as identify_close=4914, so the fatal exit codes are tested through GatewayClient
