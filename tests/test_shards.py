@@ -111,14 +111,14 @@ def assert_paced(grants: list[tuple[float, int]], identifies: list[tuple[float, 
     # Both buckets start at once: max_concurrency is used, not serialised away.
     firsts = sorted(times[0] for times in buckets.values())
     assert firsts[-1] - firsts[0] < WINDOW
-    # What the gateway saw: one Identify per shard, same-bucket ones a window apart
-    # (less the jitter of opening a connection after the grant).
+    # What the gateway saw: one Identify per shard, each after its permit (the fake runs on
+    # the same clock). Their spacing is the permits' spacing plus or minus the time each
+    # connection took to open (the permit is taken before connecting): on a loaded machine
+    # that varies by a good part of this test's short window, so it is not asserted here
+    # (docs/shards.md, "Identify spacing at the gateway").
     assert sorted(s for _, s in identifies) == list(range(SHARDS))
-    seen: dict[int, list[float]] = defaultdict(list)
-    for at, shard in sorted(identifies):
-        seen[shard % MAX_CONCURRENCY].append(at)
-    for times in seen.values():
-        assert min(b - a for a, b in itertools.pairwise(times)) >= WINDOW / 2
+    granted = {shard: at for at, shard in grants}
+    assert all(at >= granted[shard] for at, shard in identifies)
 
 
 def identifies_seen(server: FakeGatewayServer) -> list[tuple[float, int]]:
