@@ -29,6 +29,7 @@ from qqproto import (
     FetchGateway,
     FetchToken,
     GatewayConnection,
+    Opcode,
     OpenConnection,
     PersistSnapshot,
     RequestIdentifyPermit,
@@ -111,6 +112,7 @@ class ShardDriver:
         self._transport: Transport | None = None
         self._tg: TaskGroup | None = None
         self.transports_opened = 0
+        self._max_concurrency: int | None = None  # of the last permit asked for
 
     # ------------------------------------------------------------------ the loop
 
@@ -195,6 +197,8 @@ class ShardDriver:
             elif isinstance(out, SendPayload):
                 if self._transport is not None:
                     self._transport.send_text(out.text)
+                    if out.op is Opcode.IDENTIFY:
+                        self._spawn(self._identified)
             elif isinstance(out, OpenConnection):
                 self._open(out.url, out.attempt)
             elif isinstance(out, CloseConnection):
@@ -209,6 +213,7 @@ class ShardDriver:
             elif isinstance(out, FetchGateway):
                 self._spawn(self._fetch_gateway, out.token)
             elif isinstance(out, RequestIdentifyPermit):
+                self._max_concurrency = out.max_concurrency
                 self._spawn(self._permit, out.shard_id, out.max_concurrency)
             elif isinstance(out, PersistSnapshot) and self._store is not None:
                 self._store.save(self.conn.config.shard, out.snapshot)
@@ -264,6 +269,9 @@ class ShardDriver:
                 info.url, now, session_start_limit=info.session_start_limit
             )
         )
+
+    async def _identified(self) -> None:
+        await self._limiter.identified(self.conn.config.shard[0], self._max_concurrency)
 
     async def _permit(self, shard_id: int, max_concurrency: int | None) -> None:
         await self._limiter.acquire(shard_id, max_concurrency)

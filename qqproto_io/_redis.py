@@ -172,6 +172,19 @@ class RedisIdentifyLimiter:
             # /gateway/bot answer brings the budget again. A Redis outage must not stop a shard.
             log.warning("identify budget not recorded in Redis: %s", type(exc).__name__)
 
+    async def identified(self, shard_id: int, max_concurrency: int | None) -> None:
+        """Restart the bucket's lease now, when ``shard_id``'s Identify went out.
+
+        The lease is set anew for a whole window (whoever holds it: only a connection that
+        took longer than a window to open lets the next holder in before its Identify, and
+        then a longer wait is the safe side). A Redis error is logged, not raised.
+        """
+        key = self._bucket_key(shard_id % max(1, max_concurrency or 1))
+        try:
+            await self._client.set(key, self._holder, px=self._window_ms)
+        except RedisError as exc:
+            log.warning("identify lease not renewed in Redis: %s", type(exc).__name__)
+
     async def acquire(self, shard_id: int, max_concurrency: int | None) -> None:
         """Return once this process holds the bucket's lease for the next window.
 

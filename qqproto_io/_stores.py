@@ -71,6 +71,14 @@ class IdentifyLimiter(Protocol):
     async def update_limit(self, limit: SessionStartLimit) -> None:
         """Learn the daily budget from a fresh ``/gateway/bot`` answer."""
 
+    async def identified(self, shard_id: int, max_concurrency: int | None) -> None:
+        """The Identify of ``shard_id`` went out now: its bucket's window restarts here.
+
+        A permit is taken before the connection opens; the gateway measures the Identifies.
+        Restarting the window when the Identify is sent keeps the gateway-side spacing whole
+        however long the connection took to open.
+        """
+
 
 class IdentifyBudgetExhausted(QQProtoError):
     """The daily ``session_start_limit`` budget is used up and the limiter may not wait.
@@ -320,8 +328,8 @@ class LocalIdentifyLimiter:
             at = max(now, self._next_free.get(bucket, -math.inf))
             self._next_free[bucket] = at + window
             await self._sleep(at - now)
-            # A grant that woke late must not shorten the next one's window: the gateway
-            # measures the Identifies, not our plan, so spacing counts from the real grant.
+            # The gateway measures the Identifies, not our plan: the window counts from the
+            # real grant (a wake-up may be late) or, later, from the Identify itself.
             while (late := self._granted.get(bucket, -math.inf) + window - self._clock()) > 0:
                 await self._sleep(late)
             self._granted[bucket] = self._clock()
@@ -330,3 +338,11 @@ class LocalIdentifyLimiter:
             if budget is not None and ticket is not None:
                 budget.give_back(ticket, self._clock())
             raise
+
+    async def identified(self, shard_id: int, max_concurrency: int | None) -> None:
+        """Restart the window of ``shard_id``'s bucket now, when its Identify went out.
+
+        Only ever later, never earlier: a waiter already sleeping re-checks on waking.
+        """
+        bucket = shard_id % max(1, max_concurrency or 1)
+        self._granted[bucket] = max(self._granted.get(bucket, -math.inf), self._clock())

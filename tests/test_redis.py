@@ -383,3 +383,14 @@ async def test_store_outside_its_context(client, prefix, caplog):
     with caplog.at_level(logging.WARNING, "qqproto_io.redis"):
         store.save((0, 1), _snapshot())
     assert "not saved" in caplog.text
+
+
+async def test_identified_restarts_the_lease_for_a_whole_window(client, prefix):
+    limiter = RedisIdentifyLimiter(client, prefix=prefix, window=1.0)
+    key = f"{{{prefix}}}:identify:1"
+    await limiter.acquire(3, 2)
+    await anyio.sleep(0.4)  # the connection takes its time to open (the behaviour under test)
+    assert await client.pttl(key) <= 600
+    await limiter.identified(3, 2)
+    # A fresh window from the Identify on: the next holder of bucket 1 waits for all of it.
+    assert await client.pttl(key) > 900

@@ -234,6 +234,28 @@ async def _grants(limiter, vt, shards, max_concurrency):
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_local_limiter_window_restarts_when_the_identify_goes_out():
+    vt = VirtualTime()
+    limiter = _limiter(vt)
+    await limiter.acquire(0, 2)
+    assert vt.now == 0.0
+    vt.now = 3.0  # shard 0's connection took 3 s to open; its Identify goes out now
+    await limiter.identified(0, 2)
+    await limiter.acquire(1, 2)  # the other bucket is not held up
+    assert vt.now == 3.0
+    await limiter.acquire(2, 2)  # shard 0's bucket: a whole window after its Identify
+    assert vt.now == 8.0
+    await limiter.identified(2, 2)  # at once: nothing later than the grant itself
+    await limiter.acquire(4, 2)
+    assert vt.now == 13.0
+    vt.now = 100.0
+    await limiter.identified(0, 2)  # an old bucket's late report only ever pushes later
+    await limiter.acquire(6, 2)
+    assert vt.now == 105.0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.parametrize("max_concurrency", [None, 1, 4])
 async def test_local_limiter_exact_spacing(max_concurrency):
     vt = VirtualTime()
