@@ -37,7 +37,10 @@ pytestmark = pytest.mark.anyio
 
 SHARDS = 16
 MAX_CONCURRENCY = 2
-WINDOW = 0.25
+# Long enough that opening a connection on a loaded CI machine (0.24 s seen) stays well
+# inside it: only a connection slower to open than a whole window can let the next permit of
+# its bucket out before its own Identify.
+WINDOW = 0.5
 
 
 # ------------------------------------------------------------------------------ plans
@@ -118,7 +121,7 @@ def assert_paced(grants: list[tuple[float, int]], identifies: list[tuple[float, 
     # the same clock), and same-bucket Identifies a window apart: the window restarts when
     # an Identify goes out (`identified`), so a connection slow to open cannot squeeze the
     # next one. The tolerance is the time a sent frame takes to be read by the fake server,
-    # not the connection set-up (which under CI load once took 0.23 s of a 0.25 s window).
+    # not the connection set-up.
     assert sorted(s for _, s in identifies) == list(range(SHARDS))
     granted = {shard: at for at, shard in grants}
     assert all(at >= granted[shard] for at, shard in identifies)
