@@ -849,6 +849,20 @@ async def test_client_closes_its_memory_streams():
             assert [name for name, s in leftovers.items() if not s._closed] == []
 
 
+async def open_until_hello(url, inbox_send, inbox, tg) -> Transport:
+    """A bare Transport to ``url``, started, once it reported its opening and a Hello."""
+    transport = Transport(
+        1, url, inbox_send, limits=TransportLimits(), proxy=None, ssl_context=None
+    )
+    transport.start(tg)
+    assert await inbox.receive() == TransportOpened(1)
+    with anyio.fail_after(5):  # not held back until the next packet arrives
+        hello = await inbox.receive()
+    assert isinstance(hello, TransportMessages)
+    assert json.loads(hello.texts[0])["op"] == 10
+    return transport
+
+
 async def test_aborted_transport_closes_its_socket_and_streams():
     # Regression: Transport._run's finally awaited aclose_forcefully(stream) first; in the
     # aborted (cancelled) scope that re-raises the cancellation and skipped the rest of the
@@ -858,19 +872,7 @@ async def test_aborted_transport_closes_its_socket_and_streams():
             inbox_send, inbox = anyio.create_memory_object_stream[object](100)
             with inbox_send, inbox:
                 async with anyio.create_task_group() as tg:
-                    transport = Transport(
-                        1,
-                        server.ws_url,
-                        inbox_send,
-                        limits=TransportLimits(),
-                        proxy=None,
-                        ssl_context=None,
-                    )
-                    transport.start(tg)
-                    assert await inbox.receive() == TransportOpened(1)
-                    hello = await inbox.receive()
-                    assert isinstance(hello, TransportMessages)
-                    assert json.loads(hello.texts[0])["op"] == 10
+                    transport = await open_until_hello(server.ws_url, inbox_send, inbox, tg)
                     transport.abort()
                 # The task group waited for the transport's task: it has ended.
                 with pytest.raises(anyio.WouldBlock):
@@ -906,20 +908,8 @@ async def test_a_message_in_the_same_read_as_the_handshake_is_not_held_back():
         async with listener, anyio.create_task_group() as tg:
             tg.start_soon(listener.serve, serve)
             with inbox_send, inbox:
-                transport = Transport(
-                    1,
-                    f"ws://127.0.0.1:{port}/websocket",
-                    inbox_send,
-                    limits=TransportLimits(),
-                    proxy=None,
-                    ssl_context=None,
-                )
-                transport.start(tg)
-                assert await inbox.receive() == TransportOpened(1)
-                with anyio.fail_after(5):
-                    hello = await inbox.receive()
-                assert isinstance(hello, TransportMessages)
-                assert json.loads(hello.texts[0])["op"] == 10
+                url = f"ws://127.0.0.1:{port}/websocket"
+                transport = await open_until_hello(url, inbox_send, inbox, tg)
                 transport.abort()
             tg.cancel_scope.cancel()
 
