@@ -441,15 +441,20 @@ async def test_server_close_reaches_the_client_with_its_code():
         assert server.gateway.live == []
 
 
+async def assert_close_echoed(client, server, code: int) -> None:
+    """The client closes with ``code``: the fake answers with the same code, then hangs up."""
+    await client.close(code)
+    answer = await client.recv()
+    assert isinstance(answer, CloseConnection)
+    assert answer.code == code
+    assert await client.recv() == EOF
+    assert server.gateway.live == []
+
+
 async def test_client_close_is_answered_with_its_code():
     async with serve() as server:
         client = await ready_client(server)
-        await client.close(4000)
-        answer = await client.recv()
-        assert isinstance(answer, CloseConnection)
-        assert answer.code == 4000
-        assert await client.recv() == EOF
-        assert server.gateway.live == []
+        await assert_close_echoed(client, server, 4000)
 
 
 async def test_resume_on_a_new_connection_closes_the_old_one_4009():
@@ -505,12 +510,7 @@ async def test_reconnect_all_sends_op7_and_the_client_may_close_first():
         client = await ready_client(server)
         server.reconnect_all()
         assert await client.recv_json() == {"op": 7}
-        await client.close(4000)
-        answer = await client.recv()
-        assert isinstance(answer, CloseConnection)
-        assert answer.code == 4000
-        assert await client.recv() == EOF
-        assert server.gateway.live == []
+        await assert_close_echoed(client, server, 4000)
 
 
 async def test_dispatch_sends_any_event_to_live_sessions():
