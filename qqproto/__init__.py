@@ -22,6 +22,7 @@ from qqproto._codec import (
 from qqproto._config import Intents, SessionConfig
 from qqproto._connection import GatewayConnection
 from qqproto._errors import (
+    FailureKind,
     InvalidEnvelope,
     InvalidResponse,
     InvalidUTF8,
@@ -36,6 +37,7 @@ from qqproto._errors import (
 )
 from qqproto._heartbeat import Health, Latency
 from qqproto._outputs import (
+    AbandonRequest,
     AbortTransport,
     CloseConnection,
     Command,
@@ -67,6 +69,8 @@ from qqproto._rest import (
     GatewayInfo,
     SessionStartLimit,
     TokenGrant,
+    check_gateway_url,
+    classify_status,
     parse_expires_in,
     parse_gateway_response,
     parse_token_response,
@@ -80,6 +84,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "CLOSE_CODE_POLICY",
     "DEFAULT_MAX_PAYLOAD_SIZE",
+    "AbandonRequest",
     "AbortTransport",
     "CloseConnection",
     "ClosePolicy",
@@ -90,6 +95,7 @@ __all__ = [
     "DuplicateDropped",
     "Event",
     "EventsDropped",
+    "FailureKind",
     "FatalStop",
     "FetchGateway",
     "FetchToken",
@@ -137,6 +143,8 @@ __all__ = [
     "decode_payload",
     "encode_heartbeat",
     "encode_identify",
+    "check_gateway_url",
+    "classify_status",
     "encode_resume",
     "parse_expires_in",
     "parse_gateway_response",

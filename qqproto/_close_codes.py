@@ -29,11 +29,13 @@ from enum import Enum
 __all__ = [
     "APPLICATION_CLOSE",
     "CLOSE_CODE_POLICY",
+    "CREDENTIALS_REJECTED",
     "DEADLINE",
     "INVALID_SESSION",
     "INVALID_SESSION_RESUMABLE",
     "RECONNECT_REQUEST",
     "REQUEST_FAILED",
+    "REQUEST_UNAUTHORIZED",
     "SERVER_RESET",
     "START_LIMIT_EXHAUSTED",
     "UNKNOWN_CLOSE",
@@ -148,6 +150,20 @@ DEADLINE = _resume("the server did not answer in time")
 
 REQUEST_FAILED = _resume("a token or gateway request failed")
 """Policy after the token or gateway-URL request failed (before any socket was opened)."""
+
+REQUEST_UNAUTHORIZED = ClosePolicy(
+    step=NextStep.RESUME,
+    meaning="the access token was refused (HTTP 401)",
+    refresh_token=True,
+)
+"""Policy after ``/gateway/bot`` refused the access token: fetch a fresh one, then retry."""
+
+CREDENTIALS_REJECTED = _stop(
+    "the token endpoint rejected the credentials",
+    "check the app id and client secret (QQBOT_APP_ID / QQBOT_CLIENT_SECRET), and that the "
+    "bot still exists in the QQ bot console",
+)
+"""Policy when the token endpoint says the app id or secret is wrong: retrying cannot help."""
 
 START_LIMIT_EXHAUSTED = _identify(
     "session_start_limit.remaining is 0: no session can start until the budget resets",

@@ -33,11 +33,13 @@ from qqproto._backoff import full_jitter_delay
 from qqproto._close_codes import (
     APPLICATION_CLOSE,
     CLOSE_CODE_POLICY,
+    CREDENTIALS_REJECTED,
     DEADLINE,
     INVALID_SESSION,
     INVALID_SESSION_RESUMABLE,
     RECONNECT_REQUEST,
     REQUEST_FAILED,
+    REQUEST_UNAUTHORIZED,
     SERVER_RESET,
     START_LIMIT_EXHAUSTED,
     ZOMBIE,
@@ -56,14 +58,18 @@ from qqproto._codec import (
 from qqproto._config import SessionConfig
 from qqproto._dedup import SeenIds
 from qqproto._errors import (
+    FailureKind,
     InvalidEnvelope,
+    InvalidResponse,
     LocalProtocolError,
+    PayloadTooLarge,
     QQProtoError,
     RemoteProtocolError,
     UnexpectedPayload,
 )
 from qqproto._heartbeat import Health, Keepalive, Latency
 from qqproto._outputs import (
+    AbandonRequest,
     AbortTransport,
     CloseConnection,
     Disconnected,
@@ -88,7 +94,7 @@ from qqproto._outputs import (
     ZombieDetected,
     make_dispatch,
 )
-from qqproto._rest import SessionStartLimit, parse_expires_in
+from qqproto._rest import SessionStartLimit, check_gateway_url, parse_expires_in
 from qqproto._snapshot import SessionSnapshot
 from qqproto._states import SessionState, Trigger, build_machine
 
@@ -112,6 +118,30 @@ _MAX_SEQ_GAPS = 1000
 # Beyond 2**40 s (35,000 years) float seconds lose sub-millisecond resolution; such a `now`
 # is a unit bug in the caller (nanoseconds?), not a time.
 _MAX_TIME = float(2**40)
+
+
+def _is_text(value: object) -> bool:
+    # A function, so that checking an argument annotated `str` is not "always true" to mypy.
+    return type(value) is str
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_attempt(attempt: object) -> int:
+    if type(attempt) is not int:
+        raise LocalProtocolError("attempt must be the int from OpenConnection.attempt")
+    return attempt
+
+
+def _seconds(name: str, value: float) -> float:
+    if not _is_number(value):
+        raise LocalProtocolError(f"{name} must be a number of seconds")
+    if not 0 <= value <= _MAX_TIME:  # NaN fails too
+        raise LocalProtocolError(f"{name} must be between 0 and 2**40 seconds")
+    return float(value)
+
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -167,6 +197,14 @@ def _api(
         try:
             return method(self, *args, **kwargs)
         except QQProtoError:
+            raise
+        except TypeError as exc:
+            tb = exc.__traceback__
+            if tb is not None and tb.tb_next is None:
+                # Raised by the call itself (a missing or unknown argument), before the
+                # method ran: a misuse, and nothing changed.
+                raise LocalProtocolError(str(exc)) from None
+            self._break(exc)
             raise
         except Exception as exc:
             self._break(exc)
@@ -224,6 +262,7 @@ class GatewayConnection:
         self._force_token = False
         self._gateway_url: str | None = None
         self._start_limit: SessionStartLimit | None = None
+        self._start_limit_reset_at = 0.0
         self._awaiting: Literal["token", "gateway", "permit"] | None = None
         self._permit = False
         # The current connection.
@@ -236,6 +275,10 @@ class GatewayConnection:
         self._alive_at: float | None = None  # last sign of life from the server
         self._live_at: float | None = None  # last time health() found the session ready
         self._started_at = 0.0
+        # The liveness budget runs from here when nothing was ready since: the start, or the
+        # end of a planned wait (the daily identify budget), which is not a stuck session.
+        self._budget_from = 0.0
+        self._planned_until: float | None = None  # BACKOFF is a planned wait until then
         self._sent_resume = False
         self._replayed = 0
         # Across connections.
@@ -311,8 +354,9 @@ class GatewayConnection:
 
         Ready means READY with an ACK (or the Hello) no older than two heartbeat intervals
         plus the close bound: the ACK watchdog's own worst case. Live means ready, or not
-        ready for less than ``liveness_budget`` (a bounded reconnect in progress). STOPPED
-        and ERROR are never live.
+        ready for less than ``liveness_budget`` (a bounded reconnect in progress), or waiting
+        on purpose for the daily identify budget to reset (the budget of liveness starts
+        again when that wait ends). STOPPED and ERROR are never live.
         """
         state = self._model.state
         ka = self._ka
@@ -335,7 +379,17 @@ class GatewayConnection:
             )
         if ready:
             return Health(live=True, ready=True, reason="", since_live=since, last_ack_age=ack_age)
-        waited = now - (self._live_at if self._live_at is not None else self._started_at)
+        planned = self._planned_until
+        if state is _S.BACKOFF and planned is not None:
+            return Health(
+                live=True,
+                ready=False,
+                reason=f"waiting {max(0.0, planned - now):.0f} s for the identify budget to reset",
+                since_live=since,
+                last_ack_age=ack_age,
+            )
+        live_at = self._live_at
+        waited = now - (self._budget_from if live_at is None else max(live_at, self._budget_from))
         live = waited <= self._config.liveness_budget
         reason = f"{state.name} for {waited:.0f} s" if state is not _S.READY else "ACKs late"
         return Health(live=live, ready=False, reason=reason, since_live=since, last_ack_age=ack_age)
@@ -367,8 +421,12 @@ class GatewayConnection:
         deadline = self._deadline
         if ka is None:
             return deadline
-        if deadline is None or ka.next_beat_at < deadline:
-            return ka.next_beat_at
+        due = ka.next_beat_at
+        answer_at = ka.answer_at
+        if answer_at is not None and answer_at < due:
+            due = answer_at
+        if deadline is None or due < deadline:
+            return due
         return deadline
 
     # ----------------------------------------------------------------------------- verbs
@@ -378,9 +436,9 @@ class GatewayConnection:
         """Begin the first connection attempt.
 
         Raises:
-            LocalProtocolError: not in IDLE.
+            LocalProtocolError: not in IDLE, or ``now`` is not a number.
         """
-        self._started_at = self._clock(now)
+        self._started_at = self._budget_from = self._clock(now)
         self._fire_or_raise("start", "started by the application")
 
     @_api
@@ -394,11 +452,14 @@ class GatewayConnection:
                 is used once.
 
         Raises:
-            LocalProtocolError: ``token`` is empty or not a string.
+            LocalProtocolError: ``token`` is empty or not a ``str``, or ``expires_in`` is not
+                an int, a float or a ``str``.
         """
+        if not _is_text(token) or not token:
+            raise LocalProtocolError("token must be a non-empty str")
+        if not _is_number(expires_in) and not _is_text(expires_in):
+            raise LocalProtocolError("expires_in must be an int, a float or a numeric str")
         now = self._clock(now)
-        if not token:
-            raise LocalProtocolError("token must be a non-empty string")
         try:
             ttl = parse_expires_in(expires_in)
         except RemoteProtocolError as err:
@@ -419,14 +480,23 @@ class GatewayConnection:
         """Hand over the gateway URL (and, from ``/gateway/bot``, the session start limit).
 
         Raises:
-            LocalProtocolError: ``url`` is not a ``ws://`` or ``wss://`` URL.
+            LocalProtocolError: ``url`` is not a ``ws://`` or ``wss://`` URL with a host and a
+                valid port (:func:`~qqproto.check_gateway_url`; drivers that parse the answer
+                with :func:`~qqproto.parse_gateway_response` never pass one), or
+                ``session_start_limit`` is not a :class:`SessionStartLimit`.
         """
+        try:
+            check_gateway_url(url)
+        except InvalidResponse as err:
+            raise LocalProtocolError(str(err)) from None
+        if session_start_limit is not None and type(session_start_limit) is not SessionStartLimit:
+            raise LocalProtocolError("session_start_limit must be a SessionStartLimit or None")
         now = self._clock(now)
-        if not url.startswith(("ws://", "wss://")):
-            raise LocalProtocolError("gateway url must start with ws:// or wss://")
         self._gateway_url = url
         if session_start_limit is not None:
             self._start_limit = session_start_limit
+            # Kept as a time, not a duration: it may be acted on long after it arrived.
+            self._start_limit_reset_at = now + session_start_limit.reset_after
         if self._awaiting == "gateway" and self._model.state is _S.PREPARING:
             self._awaiting = None
             self._advance_preparing(now)
@@ -444,54 +514,107 @@ class GatewayConnection:
             self._advance_preparing(now)
 
     @_api
+    def refuse_identify(self, reason: str, now: float, *, retry_after: float | None) -> None:
+        """The identify limiter refused or failed the permit asked for.
+
+        Args:
+            reason: why, for events and logs (it must not hold a secret).
+            now: the caller's clock.
+            retry_after: seconds until a permit can be had (the daily budget resets then), or
+                ``None`` when the limiter failed (its store is down, say).
+
+        With ``retry_after`` the attempt waits exactly that long, a planned wait that
+        :meth:`health` calls live; without it, it backs off like any failed attempt. A
+        refusal that arrives when no permit is awaited is ignored.
+
+        Raises:
+            LocalProtocolError: ``reason`` is not a ``str`` or ``retry_after`` is negative or
+                not a number.
+        """
+        if not _is_text(reason):
+            raise LocalProtocolError("reason must be a str")
+        if retry_after is not None:
+            retry_after = _seconds("retry_after", retry_after)
+        now = self._clock(now)
+        if self._awaiting != "permit" or self._model.state is not _S.PREPARING:
+            return
+        self._awaiting = None
+        if retry_after is None:
+            self._exit = _Exit(
+                REQUEST_FAILED, None, f"identify permit failed: {reason}", by_server=False
+            )
+        else:
+            self._exit = _Exit(
+                START_LIMIT_EXHAUSTED,
+                None,
+                f"identify permit refused: {reason}",
+                by_server=True,
+                delay=retry_after,
+            )
+        self._fire("prepare_failed", self._exit.reason)
+
+    @_api
     def request_failed(
         self,
         reason: str,
         now: float,
         *,
-        request: Literal["token", "gateway"] | None = None,
+        request: Literal["token", "gateway"],
+        kind: FailureKind,
     ) -> None:
         """The token or gateway request the core asked for failed (HTTP error, timeout...).
 
         Args:
             reason: goes into events and logs: it must not hold a secret.
             now: the caller's clock.
-            request: which request failed. Pass it: a late failure of an abandoned request
-                (``"gateway"`` while the core now waits for a token) is then ignored.
+            request: which request failed; a late failure of a request the core no longer
+                waits for (it gave up on it and said so with :class:`AbandonRequest`) is
+                ignored.
+            kind: what a retry can do (:func:`~qqproto.classify_status` and
+                :class:`~qqproto.InvalidResponse` ``.kind`` tell): ``TRANSIENT`` backs off and
+                retries, ``AUTH`` also fetches a fresh token first, ``FATAL`` (wrong app id
+                or secret) stops with a :class:`FatalStop` instead of retrying forever.
 
-        A failure that arrives when no request is awaited is ignored.
+        Raises:
+            LocalProtocolError: an argument of the wrong type.
         """
+        if not _is_text(reason):
+            raise LocalProtocolError("reason must be a str")
+        if request not in ("token", "gateway"):
+            raise LocalProtocolError("request must be 'token' or 'gateway'")
+        if type(kind) is not FailureKind:
+            raise LocalProtocolError("kind must be a FailureKind")
         now = self._clock(now)
-        what = self._awaiting
-        if request is not None and request != what:
+        if request != self._awaiting or self._model.state is not _S.PREPARING:
             return
-        if self._model.state is _S.PREPARING and what in ("token", "gateway"):
-            self._exit = _Exit(
-                REQUEST_FAILED, None, f"{what} request failed: {reason}", by_server=True
-            )
-            self._fire("prepare_failed", self._exit.reason)
+        self._awaiting = None
+        policy = {
+            FailureKind.TRANSIENT: REQUEST_FAILED,
+            FailureKind.AUTH: REQUEST_UNAUTHORIZED,
+            FailureKind.FATAL: CREDENTIALS_REJECTED,
+        }[kind]
+        self._exit = _Exit(policy, None, f"{request} request failed: {reason}", by_server=True)
+        self._fire("prepare_failed", self._exit.reason)
 
     @_api
-    def connection_opened(self, now: float, *, attempt: int | None = None) -> None:
+    def connection_opened(self, now: float, *, attempt: int) -> None:
         """The WebSocket asked for by :class:`OpenConnection` is open.
 
         Args:
             now: the caller's clock.
-            attempt: the ``OpenConnection.attempt`` this report is about. Pass it: a report
-                about a transport the core has given up on is then ignored.
+            attempt: the ``OpenConnection.attempt`` this report is about: a report about a
+                transport the core has given up on is ignored, however late it comes.
 
         Raises:
-            LocalProtocolError: no connection is being opened.
+            LocalProtocolError: no connection is being opened, or a wrong argument type.
         """
-        if attempt is not None and attempt != self._live_attempt:
+        if _check_attempt(attempt) != self._live_attempt:
             return
         self._clock(now)
         self._fire_or_raise("transport_opened", "transport open")
 
     @_api
-    def connection_closed(
-        self, code: int | None, reason: str, now: float, *, attempt: int | None = None
-    ) -> None:
+    def connection_closed(self, code: int | None, reason: str, now: float, *, attempt: int) -> None:
         """The transport closed or failed: a close frame (``code``), EOF or an error (``None``).
 
         Also the way to report that :class:`OpenConnection` failed.
@@ -500,23 +623,24 @@ class GatewayConnection:
             code: the close code received, or ``None`` (EOF, a failure; also 1006).
             reason: the close reason or the failure; it must not hold a secret.
             now: the caller's clock.
-            attempt: the ``OpenConnection.attempt`` this report is about. Pass it: reports
-                about a transport that was aborted, or has already closed, are then ignored,
-                however late they come. Without it, never report a transport the core told
-                you to abort (:class:`AbortTransport`), because the core cannot tell an old
-                transport's report from the current one's; a report that arrives while no
-                transport is expected (PREPARING, BACKOFF, STOPPED) is ignored.
+            attempt: the ``OpenConnection.attempt`` this report is about: reports about a
+                transport that was aborted, or has already closed, are ignored, however late
+                they come.
 
         Raises:
-            LocalProtocolError: in IDLE (nothing was ever opened).
+            LocalProtocolError: a wrong argument type (``code`` outside 0-4999 included).
         """
-        if attempt is not None and attempt != self._live_attempt:
+        if code is not None and (type(code) is not int or not 0 <= code <= 4999):
+            raise LocalProtocolError("code must be None or an int in 0-4999")
+        if not _is_text(reason):
+            raise LocalProtocolError("reason must be a str")
+        if _check_attempt(attempt) != self._live_attempt:
             return
-        self._live_attempt = None
         now = self._clock(now)
+        self._live_attempt = None
+        # A close frame is no sign of life of the *session*: a server that echoes our
+        # closes while never acknowledging a beat must not look like a session that stayed up.
         state = self._model.state
-        if code is not None and state is not _S.CONNECTING:
-            self._alive_at = now  # a close frame: the server was alive until now
         ex = self._exit
         if state in _LINKED or state is _S.CONNECTING:
             policy = policy_for_close(code)
@@ -536,7 +660,7 @@ class GatewayConnection:
         self._fire_or_raise("transport_closed", f"transport closed ({code})")
 
     @_api
-    def receive(self, payload: str | bytes, now: float, *, attempt: int | None = None) -> None:
+    def receive(self, payload: str | bytes, now: float, *, attempt: int) -> None:
         """Feed one complete WebSocket text message.
 
         Bad input never raises: it becomes a :class:`ProtocolViolation` event and is skipped
@@ -545,13 +669,17 @@ class GatewayConnection:
         Args:
             payload: the message, ``str`` or UTF-8 ``bytes``.
             now: the caller's clock.
-            attempt: the ``OpenConnection.attempt`` of the transport it came from. Pass it:
-                a message from a transport the core has given up on is then ignored.
+            attempt: the ``OpenConnection.attempt`` of the transport it came from: a message
+                from a transport the core has given up on is ignored.
 
         Raises:
-            LocalProtocolError: no transport is open (nothing can have been received).
+            LocalProtocolError: ``payload`` is neither ``str`` nor ``bytes``, or no transport
+                is open (nothing can have been received).
         """
-        if attempt is not None and attempt != self._live_attempt:
+        if type(payload) is not str and type(payload) is not bytes:
+            raise LocalProtocolError(f"payload must be str or bytes, not {type(payload).__name__}")
+        if attempt != self._live_attempt:
+            _check_attempt(attempt)
             return
         now = self._clock(now)
         state = self._model.state
@@ -582,6 +710,33 @@ class GatewayConnection:
             self._violation(UnexpectedPayload(f"servers do not send opcode {op.name}"))
 
     @_api
+    def message_too_large(self, size: int, now: float, *, attempt: int) -> None:
+        """A message above ``max_payload_size`` arrived and was discarded unread.
+
+        A driver that bounds its buffers (it should) reports such a message here instead of
+        passing it to :meth:`receive`. It is a :class:`ProtocolViolation`
+        (:class:`PayloadTooLarge`), skipped with state and sequence intact: if it was a
+        dispatch, it is lost, and the violation event says so where it happened.
+
+        Args:
+            size: the message's size in bytes, as far as the driver counted.
+            now: the caller's clock.
+            attempt: the ``OpenConnection.attempt`` of the transport it came from.
+
+        Raises:
+            LocalProtocolError: a wrong argument type, or no transport is open.
+        """
+        if type(size) is not int or size < 0:
+            raise LocalProtocolError("size must be a non-negative int")
+        if _check_attempt(attempt) != self._live_attempt:
+            return
+        now = self._clock(now)
+        state = self._model.state
+        if state not in _RECEIVING:
+            raise LocalProtocolError(f"a message in state {state.name}: no transport is open")
+        self._violation(PayloadTooLarge(size, self._config.max_payload_size))
+
+    @_api
     def handle_timer(self, now: float) -> None:
         """Run whatever fell due by ``now``: a beat, the ACK watchdog, a phase deadline.
 
@@ -591,13 +746,19 @@ class GatewayConnection:
         now = self._clock(now)
         for _ in range(_TIMER_LOOP_BOUND):
             ka = self._ka
-            if ka is not None and now >= ka.next_beat_at:
-                if ka.ack_pending:
-                    self._on_zombie(ka, now)
-                else:
+            if ka is not None:
+                if now >= ka.next_beat_at:
+                    if ka.ack_pending:
+                        self._on_zombie(ka, now)
+                    else:
+                        self._send_beat()
+                        ka.beat_sent(now)
+                    continue
+                answer_at = ka.answer_at
+                if answer_at is not None and now >= answer_at:
                     self._send_beat()
-                    ka.beat_sent(now)
-                continue
+                    ka.answered(now)
+                    continue
             deadline = self._deadline
             if deadline is not None and now >= deadline:
                 self._on_deadline()
@@ -614,8 +775,13 @@ class GatewayConnection:
             end_session: also end the gateway session (close code 1000, snapshot deleted).
                 By default the session is kept (close code 4000) and a snapshot is emitted,
                 so that a restarted process can Resume.
+
+        Raises:
+            LocalProtocolError: ``end_session`` is not a bool.
         """
-        self._clock(now)
+        if type(end_session) is not bool:
+            raise LocalProtocolError("end_session must be a bool")
+        now = self._clock(now)
         state = self._model.state
         if state is _S.STOPPED:
             return
@@ -623,6 +789,9 @@ class GatewayConnection:
         reason = APPLICATION_CLOSE.meaning
         if state in _WINDING_DOWN and self._exit is not None:
             # A close is already in flight: let it finish, then stop instead of reconnecting.
+            # If it ends the session (op 9, say), a restart must not Resume it.
+            if self._exit.policy.step is NextStep.IDENTIFY:
+                self._drop_session(self._exit.policy.meaning, now)
             self._exit = replace(self._exit, policy=APPLICATION_CLOSE)
         else:
             code = None
@@ -692,9 +861,9 @@ class GatewayConnection:
             self._violation(InvalidEnvelope("READY without a 'session_id'", field="d"))
             return
         self._session = _Session(session_id, p.s)
+        self._fire("recv_ready", "READY")
         self._emit(Ready(session_id=session_id, seq=p.s, data=d))
         self._persist(now)
-        self._fire("recv_ready", "READY")
 
     def _on_resumed(self, p: Payload, state: SessionState, now: float) -> None:
         session = self._session
@@ -704,9 +873,9 @@ class GatewayConnection:
         # RESUMED carries the next sequence number (PROTOCOL.md §2); beats carry it from now on.
         if p.s is not None and (session.seq is None or p.s > session.seq):
             session.seq = p.s
+        self._fire("recv_resumed", "RESUMED")
         self._emit(Resumed(replayed=self._replayed, seq=session.seq))
         self._persist(now)
-        self._fire("recv_resumed", "RESUMED")
 
     def _on_ack(self, now: float) -> None:
         ka = self._ka
@@ -739,8 +908,8 @@ class GatewayConnection:
             return
         interval = max(raw / 1000.0, self._config.min_heartbeat_interval)
         self._ka = Keepalive(interval, now, self._rng, self._config.latency_samples)
-        self._emit(HelloReceived(heartbeat_interval=interval))
         self._fire("recv_hello", "Hello")
+        self._emit(HelloReceived(heartbeat_interval=interval))
 
     def _on_server_heartbeat(self, now: float) -> None:
         # Discord's rule, the safe reading of "Send/Receive" in the opcode table: answer at
@@ -749,7 +918,7 @@ class GatewayConnection:
         if ka is None:
             self._violation(UnexpectedPayload("heartbeat request before Hello"))
             return
-        if ka.may_answer(now):
+        if ka.answer_requested(now):
             self._send_beat()
 
     def _on_invalid_session(self, p: Payload, state: SessionState) -> None:
@@ -764,7 +933,6 @@ class GatewayConnection:
 
     def _on_zombie(self, ka: Keepalive, now: float) -> None:
         since = ka.since_last_ack(now)
-        self._emit(ZombieDetected(since_last_ack=since, interval=ka.interval))
         self._exit = _Exit(
             ZOMBIE,
             self._config.keep_session_close_code,
@@ -772,6 +940,7 @@ class GatewayConnection:
             by_server=False,
         )
         self._fire("ack_missed", self._exit.reason)
+        self._emit(ZombieDetected(since_last_ack=since, interval=ka.interval))
 
     def _on_deadline(self) -> None:
         state = self._model.state
@@ -786,10 +955,10 @@ class GatewayConnection:
             return
         if state is _S.PREPARING:
             reason = f"{self._awaiting} request took longer than {cfg.http_timeout:g} s"
-            self._exit = _Exit(DEADLINE, None, reason, by_server=True)
+            self._exit = _Exit(DEADLINE, None, reason, by_server=False)
         elif state is _S.CONNECTING:
             reason = f"connection not open within {cfg.connect_timeout:g} s"
-            self._exit = _Exit(DEADLINE, None, reason, by_server=True)
+            self._exit = _Exit(DEADLINE, None, reason, by_server=False)
             self._abort(reason)
         else:
             waited = {
@@ -800,12 +969,15 @@ class GatewayConnection:
             if waited is None:
                 raise RuntimeError(f"deadline set in state {state.name}, which has none")
             reason = f"no {waited[0]} within {waited[1]:g} s"
-            self._exit = _Exit(DEADLINE, cfg.keep_session_close_code, reason, by_server=True)
+            self._exit = _Exit(DEADLINE, cfg.keep_session_close_code, reason, by_server=False)
         self._fire("timer_expired", reason)
 
     # ------------------------------------------------------------------ entry actions
 
     def _enter_preparing(self, now: float) -> None:
+        if self._planned_until is not None:
+            self._planned_until = None
+            self._budget_from = now
         self._token_fresh = False
         self._permit = False
         self._awaiting = None
@@ -832,7 +1004,8 @@ class GatewayConnection:
                 # Wait for the reset, then fetch the limit again.
                 self._gateway_url = None
                 self._start_limit = None
-                delay = limit.reset_after if limit.reset_after > 0 else None
+                left = self._start_limit_reset_at - now
+                delay = left if left > 0 else None
                 self._exit = _Exit(
                     START_LIMIT_EXHAUSTED,
                     None,
@@ -929,19 +1102,24 @@ class GatewayConnection:
         ex = self._exit
         if ex is None:
             raise RuntimeError("BACKOFF without a recorded reason")
+        # The Disconnected goes before what settling it causes (SessionInvalidated, a storm).
+        mark = len(self._outputs)
         step, delay, attempt = self._settle(ex, now)
         at = now + delay
         self._deadline = at
+        if ex.delay is not None:
+            self._planned_until = at
         if self._had_transport:
             self._had_transport = False
-            self._emit(
+            self._outputs.insert(
+                mark,
                 Disconnected(
                     code=ex.code,
                     reason=ex.reason,
                     by_server=ex.by_server,
                     next_step=step,
                     reconnect_at=at,
-                )
+                ),
             )
         self._emit(ReconnectScheduled(delay=delay, at=at, attempt=attempt, reason=ex.reason))
 
@@ -949,18 +1127,20 @@ class GatewayConnection:
         ex = self._exit
         if ex is None:
             raise RuntimeError("STOPPED without a recorded reason")
+        mark = len(self._outputs)
         self._settle(ex, now)
         self._deadline = None
         if self._had_transport:
             self._had_transport = False
-            self._emit(
+            self._outputs.insert(
+                mark,
                 Disconnected(
                     code=ex.code,
                     reason=ex.reason,
                     by_server=ex.by_server,
                     next_step=NextStep.STOP,
                     reconnect_at=None,
-                )
+                ),
             )
         if ex.policy is APPLICATION_CLOSE and not self._end_session:
             self._persist(now)  # keep the session for a restart to Resume
@@ -1051,6 +1231,13 @@ class GatewayConnection:
     def _clock(self, now: float) -> float:
         # Time never runs backwards inside the core: a driver that passes max(deadline, now)
         # to handle_timer may pass a slightly smaller clock reading to the next verb.
+        kind = type(now)
+        if kind is not float and kind is not int:
+            if not _is_number(now):
+                raise LocalProtocolError(
+                    f"now must be a clock reading in seconds, not {type(now).__name__}"
+                )
+            now = float(now)
         if self._now <= now <= _MAX_TIME:
             self._now = now
             return now
@@ -1101,6 +1288,10 @@ class GatewayConnection:
         new = model.state
         if new is not old:
             self._outputs.append(StateChanged(old=old, new=new, reason=reason))
+            awaiting = self._awaiting
+            if awaiting is not None:
+                self._awaiting = None
+                self._emit(AbandonRequest(request=awaiting))
             entry = self._entry.get(new)
             if entry is not None:
                 entry(self._now)

@@ -14,7 +14,10 @@
 
 from __future__ import annotations
 
+from enum import Enum
+
 __all__ = [
+    "FailureKind",
     "InvalidEnvelope",
     "InvalidResponse",
     "InvalidUTF8",
@@ -27,6 +30,21 @@ __all__ = [
     "UnexpectedPayload",
     "UnknownOpcode",
 ]
+
+
+class FailureKind(Enum):
+    """What a retry can do about a failed token or gateway request.
+
+    Drivers pass it to :meth:`~qqproto.GatewayConnection.request_failed`; the core decides
+    what follows, so every driver reacts to the same failure in the same way.
+    """
+
+    TRANSIENT = "transient"
+    """Network trouble, a timeout, 429 or 5xx: retry after the backoff."""
+    AUTH = "auth"
+    """The access token was refused (HTTP 401): fetch a fresh token, then retry."""
+    FATAL = "fatal"
+    """The credentials are wrong or the bot is gone: stop; retrying cannot help."""
 
 
 class QQProtoError(Exception):
@@ -126,6 +144,14 @@ class UnexpectedPayload(RemoteProtocolError):
 
 
 class InvalidResponse(RemoteProtocolError):
-    """An HTTP API answer (token, gateway URL) did not have the documented shape."""
+    """An HTTP API answer (token, gateway URL) did not have the documented shape, or said no.
+
+    Attributes:
+        kind: what a retry can do about it.
+    """
 
     reason = "invalid_response"
+
+    def __init__(self, message: str, *, kind: FailureKind = FailureKind.TRANSIENT) -> None:
+        self.kind = kind
+        super().__init__(message)

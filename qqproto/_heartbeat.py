@@ -66,6 +66,7 @@ class Keepalive:
 
     __slots__ = (
         "ack_pending",
+        "answer_at",
         "created_at",
         "interval",
         "last_ack_at",
@@ -83,6 +84,7 @@ class Keepalive:
         self.last_sent_at: float | None = None
         self.last_ack_at: float | None = None
         self.last_any_beat_at = float("-inf")  # scheduled or answering a server op 1
+        self.answer_at: float | None = None  # a server op 1 still to be answered
         self.samples: deque[float] = deque(maxlen=samples)
 
     def beat_sent(self, now: float) -> None:
@@ -91,14 +93,26 @@ class Keepalive:
         self.last_sent_at = now
         self.last_any_beat_at = now
         self.next_beat_at = now + self.interval
+        self.answer_at = None  # any beat answers a pending server request
 
-    def may_answer(self, now: float) -> bool:
-        """Whether to answer a server op 1 now: at most one beat per second, so a burst of
-        server requests cannot make us send fast enough to earn a 4008."""
-        if now - self.last_any_beat_at < 1.0:
-            return False
+    def answer_requested(self, now: float) -> bool:
+        """A server op 1 arrived: answer now (``True``), or at ``answer_at``.
+
+        At most one beat per second, so a burst of server requests cannot make us send fast
+        enough to earn a 4008; but every request is answered within that second, never left
+        for the next regular beat (up to a whole interval later).
+        """
+        if now - self.last_any_beat_at >= 1.0:
+            self.answered(now)
+            return True
+        if self.answer_at is None:
+            self.answer_at = self.last_any_beat_at + 1.0
+        return False
+
+    def answered(self, now: float) -> None:
+        """Record a beat sent to answer a server op 1 (off the regular schedule)."""
         self.last_any_beat_at = now
-        return True
+        self.answer_at = None
 
     def ack_received(self, now: float) -> float | None:
         """Record an ACK; return the latency, or ``None`` for an ACK nobody asked for."""

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from qqproto._states import SessionState
 
 __all__ = [
+    "AbandonRequest",
     "AbortTransport",
     "CloseConnection",
     "Command",
@@ -106,6 +107,21 @@ class RequestIdentifyPermit(Command):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AbandonRequest(Command):
+    """Cancel the token request, gateway request or identify permit the core stopped waiting
+    for (its deadline passed, or the application closed), and the work behind it.
+
+    Its report, should one still come, is ignored; cancelling keeps a stalled request from
+    holding a connection, a lock or a queue slot for the ones that follow.
+
+    Attributes:
+        request: ``"token"``, ``"gateway"`` or ``"permit"``.
+    """
+
+    request: Literal["token", "gateway", "permit"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OpenConnection(Command):
     """Open a WebSocket to ``url``, then call ``connection_opened`` (or ``connection_closed``).
 
@@ -117,7 +133,7 @@ class OpenConnection(Command):
     """
 
     url: str
-    attempt: int = 0
+    attempt: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -257,8 +273,9 @@ class Disconnected(Event):
             when we closed it (4000 after op 7, for instance) - or ``None`` when there was no
             close frame (EOF, abort, a connection that never opened).
         reason: why, in words (never a secret, never payload content).
-        by_server: the server (or the network) caused the end: its close, its op 7 or
-            op 9, its silence; ``False`` when the application or a local deadline did.
+        by_server: the server (or the network) ended it: its close frame, EOF or a reset, op
+            7, op 9, a second Hello; ``False`` when we did: the application, the ACK
+            watchdog, or a phase deadline (no Hello, READY or RESUMED in time).
         next_step: resume, identify or stop.
         reconnect_at: when the next attempt starts (caller's clock), ``None`` when stopping.
     """

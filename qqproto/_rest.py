@@ -11,7 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from qqproto._errors import InvalidResponse
+from urllib.parse import urlsplit
+
+from qqproto._errors import FailureKind, InvalidResponse
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -20,6 +22,8 @@ __all__ = [
     "GatewayInfo",
     "SessionStartLimit",
     "TokenGrant",
+    "check_gateway_url",
+    "classify_status",
     "parse_expires_in",
     "parse_gateway_response",
     "parse_token_response",
@@ -67,6 +71,39 @@ _TOKEN_ERRORS = {
     100016: "wrong app id or client secret",
     10004: "the bot does not exist",
 }
+# Codes no retry can fix: the app id, the secret or the bot itself is wrong.
+_FATAL_TOKEN_ERRORS = frozenset({100007, 100016, 10004})
+
+
+def classify_status(status: int) -> FailureKind:
+    """What an HTTP status outside 2xx from the token or gateway endpoint means for a retry.
+
+    401 means the access token was refused (fetch a fresh one); everything else, 429 and
+    5xx included, may pass with time. A token endpoint answer that names an error code in
+    its body is classified by :func:`parse_token_response` instead, whatever its status.
+    """
+    return FailureKind.AUTH if status == 401 else FailureKind.TRANSIENT
+
+
+def check_gateway_url(url: object) -> str:
+    """Return ``url`` if a WebSocket can be opened to it: ``ws://`` or ``wss://``, a host,
+    a valid port.
+
+    Raises:
+        InvalidResponse: anything else (the message never repeats the URL).
+    """
+    if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
+        raise InvalidResponse("gateway url is not a ws:// or wss:// URL")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a port that is not a number in 0-65535
+    except ValueError:
+        raise InvalidResponse("gateway url has an invalid host or port") from None
+    if not parts.hostname or port == 0:
+        raise InvalidResponse("gateway url has no host, or port 0")
+    if any(c.isspace() or ord(c) < 0x20 for c in url):
+        raise InvalidResponse("gateway url holds whitespace or control characters")
+    return url
 
 
 def parse_expires_in(value: object) -> float:
@@ -110,7 +147,9 @@ def parse_token_response(obj: object) -> TokenGrant:
         # Name the code, never echo the body: its text is the server's, not ours to log.
         meaning = _TOKEN_ERRORS.get(code, "unknown error") if type(code) is int else "error"
         shown = code if type(code) is int else "non-numeric"
-        raise InvalidResponse(f"token endpoint answered error code {shown} ({meaning})")
+        fatal = type(code) is int and code in _FATAL_TOKEN_ERRORS
+        kind = FailureKind.FATAL if fatal else FailureKind.TRANSIENT
+        raise InvalidResponse(f"token endpoint answered error code {shown} ({meaning})", kind=kind)
     token = obj.get("access_token")
     if not isinstance(token, str) or not token:
         raise InvalidResponse("token response has no 'access_token'")
@@ -125,9 +164,7 @@ def parse_gateway_response(obj: object) -> GatewayInfo:
     """
     if not isinstance(obj, dict):
         raise InvalidResponse("gateway response is not a JSON object")
-    url = obj.get("url")
-    if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
-        raise InvalidResponse("gateway response has no ws:// or wss:// 'url'")
+    url = check_gateway_url(obj.get("url"))
     shards = obj.get("shards")
     if shards is not None and (type(shards) is not int or shards < 1):
         raise InvalidResponse("'shards' is not a positive int")

@@ -143,6 +143,8 @@ def _t(
 TRANSITIONS: list[TransitionConfigDict] = [
     _t("start", _S.IDLE, _S.PREPARING),
     _t("prepared", _S.PREPARING, _S.CONNECTING),
+    # A request that failed for good (wrong credentials) stops; any other failure backs off.
+    _t("prepare_failed", _S.PREPARING, _S.STOPPED, "stopping"),
     _t("prepare_failed", _S.PREPARING, _S.BACKOFF),
     _t("transport_opened", _S.CONNECTING, _S.AWAITING_HELLO),
     _t("recv_hello", _S.AWAITING_HELLO, _S.RESUMING, "can_resume"),

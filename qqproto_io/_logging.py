@@ -82,12 +82,14 @@ class _Formatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__()
-        # A LogRecord has only a wall-clock stamp; differences of it are fine for display.
-        self.start = time.time()
+        # A LogRecord has only a wall-clock stamp, which jumps when the clock is set (NTP,
+        # a suspend); records are formatted as they are made, so the monotonic clock read
+        # here is the record's time to well under a millisecond, and never runs backwards.
+        self.start = time.monotonic()
 
     def _t(self, record: logging.LogRecord, fields: dict[str, object]) -> float:
         t = fields.get("t")
-        return float(t) if isinstance(t, int | float) else record.created - self.start
+        return float(t) if isinstance(t, int | float) else time.monotonic() - self.start
 
 
 class TextFormatter(_Formatter):

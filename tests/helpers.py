@@ -89,6 +89,7 @@ class Driver:
         self.opens: list[float] = []  # times of OpenConnection
         self.token_requests: list[tuple[float, bool]] = []
         self.transport_open = False
+        self.attempt = 0  # OpenConnection.attempt of the last transport asked for
 
     # ------------------------------------------------------------------ plumbing
 
@@ -118,16 +119,17 @@ class Driver:
                 conn.grant_identify(self.now)
         elif isinstance(out, OpenConnection):
             self.opens.append(self.now)
+            self.attempt = out.attempt
             if self.auto_open:
                 self.transport_open = True
-                conn.connection_opened(self.now)
+                conn.connection_opened(self.now, attempt=self.attempt)
         elif isinstance(out, SendPayload):
             obj = json.loads(out.text)
             self.sent.append(Sent(self.now, obj["op"], obj.get("d"), out.text))
         elif isinstance(out, CloseConnection):
             if self.echo_close and self.transport_open:
                 self.transport_open = False
-                conn.connection_closed(out.code, out.reason, self.now)
+                conn.connection_closed(out.code, out.reason, self.now, attempt=self.attempt)
         elif isinstance(out, AbortTransport):
             self.transport_open = False
 
@@ -162,7 +164,7 @@ class Driver:
     def recv(self, payload: dict[str, Any] | str | bytes) -> list[Output]:
         if isinstance(payload, dict):
             payload = json.dumps(payload, ensure_ascii=False)
-        self.conn.receive(payload, self.now)
+        self.conn.receive(payload, self.now, attempt=self.attempt)
         return self.pump()
 
     def hello(self, interval_ms: float = 45000) -> list[Output]:
@@ -195,7 +197,7 @@ class Driver:
 
     def server_close(self, code: int | None, reason: str = "") -> list[Output]:
         self.transport_open = False
-        self.conn.connection_closed(code, reason, self.now)
+        self.conn.connection_closed(code, reason, self.now, attempt=self.attempt)
         return self.pump()
 
     def connect_ready(self, *, interval_ms: float = 45000, session_id: str = "S1") -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qqproto import (
     AbortTransport,
     Dispatch,
+    LocalProtocolError,
     OpenConnection,
     Ready,
     SessionConfig,
@@ -55,12 +57,22 @@ def test_attempts_count_up_one_per_transport():
     assert attempts(drv) == [1, 2, 3]
 
 
-def test_without_attempts_a_late_close_of_the_aborted_transport_hits_the_new_one():
+def test_a_report_without_its_attempt_is_refused_and_changes_nothing():
+    # The unsafe form (a report the core cannot tell from the aborted transport's) is gone.
     drv = timed_out_first_attempt()
-    drv.conn.connection_opened(drv.now)  # attempt 2 opens
-    drv.conn.connection_closed(None, "attempt 1's late failure report", drv.now)
-    drv.pump()
-    assert drv.conn.state is SessionState.BACKOFF  # the live transport was taken for dead
+    conn = drv.conn
+    for call in (
+        lambda: conn.connection_opened(drv.now),
+        lambda: conn.connection_closed(None, "attempt 1's late failure report", drv.now),
+        lambda: conn.receive(HELLO, drv.now),
+        lambda: conn.connection_opened(drv.now, attempt="2"),
+    ):
+        with pytest.raises(LocalProtocolError):
+            call()
+    assert conn.drain() == []
+    assert conn.state is SessionState.CONNECTING
+    conn.connection_opened(drv.now, attempt=2)
+    assert conn.state is SessionState.AWAITING_HELLO
 
 
 def test_late_reports_of_an_aborted_attempt_are_ignored():

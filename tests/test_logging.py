@@ -11,6 +11,7 @@ import pytest
 
 from qqproto import (
     Dispatch,
+    Event,
     FatalStop,
     HeartbeatAcknowledged,
     Ready,
@@ -143,3 +144,38 @@ def test_a_reader_that_left_silences_the_console_instead_of_a_traceback_per_reco
         out.close()
     assert "Traceback" not in capfd.readouterr().err
     assert handler.level > logging.CRITICAL
+
+
+def test_the_json_log_of_a_real_session_names_the_state_after_each_event():
+    # The core's own output stream, logged as the driver logs it: every line's `state` is
+    # the state after its event, and a disconnect is logged before what it caused.
+    from tests.helpers import Driver
+
+    drv = Driver(seed=1)
+    drv.connect_ready()
+    drv.server_close(4006)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = shard_logger(9)
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        log = EventLogger(9)
+        for out in drv.outputs:
+            if isinstance(out, Event):
+                log(out)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    by_event = {line["event"]: line for line in lines}
+    assert by_event["hello"]["state"] == "IDENTIFYING"
+    assert by_event["ready"]["state"] == "READY"
+    assert by_event["disconnected"]["state"] == "BACKOFF"
+    names = [line["event"] for line in lines]
+    assert names.index("disconnected") < names.index("session_invalidated")
+    assert names.index("session_invalidated") < names.index("reconnect")
+    times = [line["t"] for line in lines]
+    assert times == sorted(times)

@@ -20,6 +20,7 @@ from qqproto import (
     DisconnectStorm,
     Dispatch,
     DuplicateDropped,
+    FailureKind,
     FatalStop,
     FetchGateway,
     FetchToken,
@@ -156,6 +157,7 @@ def test_failure_counter_resets_only_after_ready_and_30_s_up() -> None:
     drv.hello()
     drv.resumed(seq=1)
     keep_alive(drv, drv.now + 30.5)
+    drv.ack()  # a sign of life at 30.5 s: only ACKs and payloads count, never the close
     drv.server_close(1006)
     last = drv.of(ReconnectScheduled)[-1]
     assert last.attempt == 1
@@ -254,10 +256,10 @@ def test_s20_server_closing_every_connection_at_once_is_rate_limited_by_backoff(
     assert storms
     assert (storms[0].count, storms[0].code) == (3, 1006)
     assert storms[0].hint
-    # The storm is reported with the 3rd quick disconnect (just before its Disconnected).
+    # The storm is reported with the 3rd quick disconnect (just after its Disconnected).
     first_storm = drv.outputs.index(storms[0])
-    assert len([o for o in drv.outputs[:first_storm] if isinstance(o, Disconnected)]) == 2
-    assert isinstance(drv.outputs[first_storm + 1], Disconnected)
+    assert len([o for o in drv.outputs[:first_storm] if isinstance(o, Disconnected)]) == 3
+    assert isinstance(drv.outputs[first_storm - 1], Disconnected)
 
 
 # ------------------------------------------------------------------------- resume budget
@@ -425,7 +427,7 @@ def test_token_fetch_failures_back_off_and_retry_for_three_minutes() -> None:
     n = 0
     while drv.now < 180.0:
         assert isinstance(drv.outputs[-1], FetchToken)
-        drv.conn.request_failed("HTTP 503", drv.now)
+        drv.conn.request_failed("HTTP 503", drv.now, request="token", kind=FailureKind.TRANSIENT)
         drv.pump()
         n += 1
         assert drv.conn.state is S.BACKOFF
@@ -530,7 +532,9 @@ def test_start_limit_remaining_counts_down_per_identify() -> None:
     drv.server_close(4006)
     reconnect(drv)
     sched = drv.of(ReconnectScheduled)[-1]
-    assert sched.delay == 600.0
+    # The reset is 600 s after /gateway/bot answered (t=0), not 600 s from now.
+    assert sched.at == 600.0
+    assert sched.delay == 600.0 - drv.now
     assert "session_start_limit" in sched.reason
     assert len(drv.sent_ops(OP_IDENTIFY)) == 2
     assert len(drv.of(RequestIdentifyPermit)) == 2

@@ -288,7 +288,7 @@ def test_ack_that_arrived_during_a_stall_prevents_the_zombie() -> None:
     t1 = jump(drv)  # beat pending
     late = t1 + 45.0 + 50.0  # the process stalled past the next beat
     drv.now = late
-    drv.conn.receive('{"op":11}', late)  # the ACK sat in the socket buffer
+    drv.conn.receive('{"op":11}', late, attempt=drv.attempt)  # it sat in the socket buffer
     drv.pump()
     drv.conn.handle_timer(late)
     drv.pump()
@@ -538,8 +538,8 @@ def test_ten_minute_stall_with_a_beat_pending_gives_one_zombie_not_several_beats
     drv.conn.handle_timer(late)
     out = drv.conn.drain()
     assert [type(o) for o in out if not isinstance(o, StateChanged)] == [
-        ZombieDetected,
         CloseConnection,
+        ZombieDetected,
     ]
     assert not any(isinstance(o, SendPayload) for o in out)
     (zombie,) = [o for o in out if isinstance(o, ZombieDetected)]
@@ -568,7 +568,7 @@ def test_time_going_backwards_is_clamped() -> None:
     t1 = jump(drv)  # beat sent at t1
     drv.conn.handle_timer(t1 + 10.0)  # nothing due; the core's clock is now t1 + 10
     assert drv.conn.drain() == []
-    drv.conn.receive('{"op":11}', t1 + 1.0)  # an older clock reading
+    drv.conn.receive('{"op":11}', t1 + 1.0, attempt=drv.attempt)  # an older clock reading
     drv.pump()
     (acked,) = drv.of(HeartbeatAcknowledged)
     assert acked.latency == pytest.approx(10.0)  # measured at the clamped time, never < 0

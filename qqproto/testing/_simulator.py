@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from qqproto._connection import GatewayConnection
-from qqproto._errors import RemoteProtocolError
+from qqproto._errors import FailureKind, InvalidResponse, RemoteProtocolError
 from qqproto._outputs import (
+    AbandonRequest,
     AbortTransport,
     CloseConnection,
     Dispatch,
@@ -37,7 +38,7 @@ from qqproto._outputs import (
     RequestIdentifyPermit,
     SendPayload,
 )
-from qqproto._rest import parse_gateway_response, parse_token_response
+from qqproto._rest import classify_status, parse_gateway_response, parse_token_response
 from qqproto._states import SessionState
 from qqproto.testing._fake_gateway import (
     FakeGateway,
@@ -93,12 +94,14 @@ class Link:
         server: ServerConnection,
         latency: float,
         *,
+        attempt: int,
         jitter: float = 0.0,
         loss: float = 0.0,
         rng: random.Random,
     ) -> None:
         self.client = client
         self.server = server
+        self.attempt = attempt  # OpenConnection.attempt, passed back with every report
         self.latency = latency
         self.jitter = jitter
         self.loss = loss
@@ -311,7 +314,10 @@ class SimClient:
             grant_at = sim.grant_identify_at(command.shard_id, command.max_concurrency)
             sim.at(grant_at, lambda: self._input(lambda: self.conn.grant_identify(sim.now)))
         elif isinstance(command, OpenConnection):
-            self._open(command.url)
+            self._open(command.url, command.attempt)
+        elif isinstance(command, AbandonRequest):
+            # The answer still arrives and the core ignores it: nothing to cancel here.
+            sim.trace_add(self.name, "abandon", command.request)
         elif isinstance(command, CloseConnection):
             sim.trace_add(self.name, "close", f"code={command.code}")
             link = self.link
@@ -349,7 +355,9 @@ class SimClient:
         def answer() -> None:
             now = sim.now
             if self.http_down:
-                self.conn.request_failed("HTTP 503 (simulated outage)", now, request=what)
+                self.conn.request_failed(
+                    "HTTP 503 (simulated outage)", now, request=what, kind=FailureKind.TRANSIENT
+                )
                 return
             gw = sim.gateway
             try:
@@ -362,43 +370,57 @@ class SimClient:
                     auth = f"QQBot {command.token}"
                     reply = gw.gateway_request(auth, now, bot=True)
                     if reply.status != 200:
-                        self.conn.request_failed(f"HTTP {reply.status}", now, request=what)
+                        kind = classify_status(reply.status)
+                        self.conn.request_failed(
+                            f"HTTP {reply.status}", now, request=what, kind=kind
+                        )
                         return
                     info = parse_gateway_response(reply.body)
                     self.conn.provide_gateway(
                         info.url, now, session_start_limit=info.session_start_limit
                     )
             except RemoteProtocolError as err:
-                self.conn.request_failed(str(err), now, request=what)
+                kind = err.kind if isinstance(err, InvalidResponse) else FailureKind.TRANSIENT
+                self.conn.request_failed(str(err), now, request=what, kind=kind)
 
         sim.at(sim.now + latency, lambda: self._input(answer))
 
-    def _open(self, url: str) -> None:
+    def _open(self, url: str, attempt: int) -> None:
         sim = self.sim
         now = sim.now
         self.opens.append(now)
         sim.trace_add(self.name, "open", url)
         latency = sim.latency
         if self.network_down:
-            fail = lambda: self.conn.connection_closed(None, "connect failed", sim.now)  # noqa: E731
+            fail = lambda: self.conn.connection_closed(  # noqa: E731
+                None, "connect failed", sim.now, attempt=attempt
+            )
             sim.at(now + latency, lambda: self._input(fail))
             return
 
-        attempt = len(self.opens)
+        opened_as = len(self.opens)
 
         def accept() -> None:
             server = sim.gateway.accept(sim.now)
-            if self.dead or attempt != len(self.opens) or self.conn.state is not _CONNECTING:
+            if self.dead or opened_as != len(self.opens) or self.conn.state is not _CONNECTING:
                 # The attempt was abandoned (process killed, attempt aborted) while the SYN
                 # was on its way: the client's kernel resets the connection.
                 server.client_closed(None, sim.now)
                 sim.flush_server(server)
                 return
-            link = Link(self, server, latency, jitter=sim.jitter, loss=sim.loss, rng=sim.rng)
+            link = Link(
+                self,
+                server,
+                latency,
+                attempt=attempt,
+                jitter=sim.jitter,
+                loss=sim.loss,
+                rng=sim.rng,
+            )
             sim.links[server] = link
             self.links.append(link)
             self.link = link
-            opened = lambda: self.conn.connection_opened(sim.now)  # noqa: E731
+            opened = lambda: self.conn.connection_opened(sim.now, attempt=attempt)  # noqa: E731
             sim.at(link.down_time(sim.now), lambda: self._input(opened))
             sim.flush_server(server)
 
@@ -581,7 +603,7 @@ class Simulation:
         def arrive() -> None:
             if link.client_gone or link.half_open:
                 return
-            client._input(lambda: client.conn.receive(text, self.now))
+            client._input(lambda: client.conn.receive(text, self.now, attempt=link.attempt))
 
         self.at(when, arrive)
 
@@ -594,7 +616,9 @@ class Simulation:
             link.client_gone = True
             if client.link is link:
                 client.link = None
-            client._input(lambda: client.conn.connection_closed(code, reason, self.now))
+            client._input(
+                lambda: client.conn.connection_closed(code, reason, self.now, attempt=link.attempt)
+            )
 
         self.at(when, arrive)
 
