@@ -270,6 +270,7 @@ class Scripted:
         self.open = False
         self.seq = 1
         self.dispatches = 0
+        self.attempt = 0
 
     def pump(self) -> None:
         conn = self.conn
@@ -280,7 +281,7 @@ class Scripted:
                     self._execute(out)
                 continue
             if self.replies and self.open:
-                conn.receive(self.replies.pop(0), self.now)
+                conn.receive(self.replies.pop(0), self.now, attempt=self.attempt)
                 continue
             self.replies.clear()
             timer = conn.get_timer()
@@ -301,7 +302,8 @@ class Scripted:
             conn.grant_identify(now)
         elif isinstance(out, OpenConnection):
             self.open = True
-            conn.connection_opened(now)
+            self.attempt = out.attempt
+            conn.connection_opened(now, attempt=out.attempt)
             self.replies.append(self.HELLO)
         elif isinstance(out, SendPayload):
             op = orjson.loads(out.text)["op"]
@@ -314,7 +316,7 @@ class Scripted:
         elif isinstance(out, CloseConnection):
             if self.open:
                 self.open = False
-                conn.connection_closed(out.code, "", now)
+                conn.connection_closed(out.code, "", now, attempt=self.attempt)
         elif isinstance(out, AbortTransport):
             self.open = False
 
@@ -341,7 +343,7 @@ class Scripted:
     def rotate(self) -> None:
         """The server ends the connection with 4009; the client resumes."""
         self.open = False
-        self.conn.connection_closed(4009, "rotation", self.now)
+        self.conn.connection_closed(4009, "rotation", self.now, attempt=self.attempt)
         self.until_ready()
 
     def dispatch(self, n: int) -> None:
@@ -350,7 +352,7 @@ class Scripted:
             f'{{"op":0,"s":{self.seq},"t":"C2C_MESSAGE_CREATE","id":"C2C:{n}",'
             f'"d":{{"id":"ROBOT1.0_{n}","content":"hello 你好 {n}"}}}}'
         )
-        self.conn.receive(text, self.now)
+        self.conn.receive(text, self.now, attempt=self.attempt)
         self.pump()
 
 
@@ -363,14 +365,15 @@ def figure_core(quick: bool) -> list[Row]:
     loads = json.loads
     core_times, json_times = [], []
     for _ in range(rounds):
-        conn = Scripted().start().conn
+        scripted = Scripted().start()
+        conn, attempt = scripted.conn, scripted.attempt
         now = 1.0
         receive, drain = conn.receive, conn.drain
         gc.disable()
         try:
             start = time.perf_counter()
             for text in texts:
-                receive(text, now)
+                receive(text, now, attempt=attempt)
                 drain()
             core_times.append(time.perf_counter() - start)
             start = time.perf_counter()
@@ -804,6 +807,59 @@ def print_table(rows: list[Row], *, quick: bool) -> None:
     print(f"goals met: {met} of {len(goals)}")
 
 
+def figure_delivery(quick: bool) -> list[Row]:
+    """The price of exactly-once across restarts: the delivery record's write per dispatch.
+
+    Same payloads as figure 2; each round runs the core alone, then the core with every
+    dispatch queued and finished through a DeliveryRecord over a SQLite file (WAL,
+    synchronous=NORMAL: durable against a killed process), as GatewayClient does.
+    """
+    import tempfile
+
+    from bench_server import dispatch_texts
+
+    from qqproto_io._delivery import DeliveryRecord
+    from qqproto_io._stores import SqliteSnapshotStore
+
+    count = 2_000 if quick else 20_000
+    rounds = 3 if quick else 7
+    texts = dispatch_texts(count)
+    bare_times, recorded_times = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in range(rounds):
+            for recorded in (False, True):
+                scripted = Scripted().start()
+                conn, attempt = scripted.conn, scripted.attempt
+                shard = conn.config.shard
+                with SqliteSnapshotStore(Path(tmp) / f"r{n}.sqlite3") as store:
+                    record = DeliveryRecord(store)
+                    record.save(shard, conn.snapshot())
+                    receive, drain = conn.receive, conn.drain
+                    queued, finished = record.queued, record.finished
+                    gc.disable()
+                    try:
+                        start = time.perf_counter()
+                        for text in texts:
+                            receive(text, 1.0, attempt=attempt)
+                            for out in drain():
+                                if recorded and type(out) is Dispatch and out.seq is not None:
+                                    queued(shard, out.seq)
+                                    finished(shard)
+                        elapsed = time.perf_counter() - start
+                    finally:
+                        gc.enable()
+                (recorded_times if recorded else bare_times).append(elapsed)
+    bare = statistics.median(bare_times) / count * 1e6
+    with_record = statistics.median(recorded_times) / count * 1e6
+    head = f"7 delivery record (SQLite), {count:,} dispatches x {rounds} rounds"
+    return [
+        Row(head, "core receive()+drain() (baseline)", f"{bare:.2f} µs/dispatch"),
+        Row(head, "... + DeliveryRecord queued/finished", f"{with_record:.2f} µs/dispatch"),
+        Row(head, "the record's own cost", f"{with_record - bare:.2f} µs/dispatch"),
+        Row(head, "with record / core alone", f"{with_record / bare:.2f}x", "anchor"),
+    ]
+
+
 FIGURES = {
     "1": figure_receive,
     "2": figure_core,
@@ -811,6 +867,7 @@ FIGURES = {
     "4": figure_memory,
     "5": figure_idle,
     "6": figure_zombie,
+    "7": figure_delivery,
 }
 
 
@@ -818,7 +875,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a CI smoke run (numbers are noise)")
     parser.add_argument("--profile", action="store_true", help="cProfile the qqproto client")
-    parser.add_argument("--only", default="123456", help="figures to run, e.g. --only 126")
+    parser.add_argument("--only", default="1234567", help="figures to run, e.g. --only 126")
     args = parser.parse_args(argv)
     rows: list[Row] = []
     started = time.monotonic()

@@ -340,7 +340,7 @@ async def test_a_real_connection_stuck_reconnecting_stops_the_pings(notify_socke
                 while drv.conn.state is not SessionState.CONNECTING:
                     drv.advance_to_timer()
                 drv.transport_open = True
-                drv.conn.connection_opened(drv.now)
+                drv.conn.connection_opened(drv.now, attempt=drv.attempt)
                 drv.pump()
                 drv.hello()
                 drv.resumed(1)
