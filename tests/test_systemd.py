@@ -18,7 +18,7 @@ import uuid
 import anyio
 import pytest
 
-from qqproto import Health, SessionConfig, SessionState
+from qqproto import Health, SessionConfig, SessionStartLimit, SessionState
 from qqproto_io._systemd import SystemdNotifier, run_systemd, watchdog_verdict
 from tests.helpers import Driver, advance_to
 
@@ -359,6 +359,33 @@ async def test_a_real_connection_stuck_reconnecting_stops_the_pings(notify_socke
         WITHHELD_STUCK.replace("301 s", "162 s"),
         OK_READY.replace("3 s", "0 s") + PING,  # resumed: pings again (READY=1 only once)
     ]
+    assert after == [STOPPING]
+
+
+@pytest.mark.anyio
+async def test_waiting_for_the_daily_identify_budget_keeps_the_pings(notify_socket):
+    # The budget is spent: the core waits two hours on purpose. That is live, not stuck, so
+    # systemd must not restart the process every few minutes all day.
+    limit = SessionStartLimit(total=1000, remaining=0, reset_after=7200.0, max_concurrency=1)
+    drv = Driver(SessionConfig(liveness_budget=100.0), start_limit=limit)
+    drv.start()
+
+    def at(t):
+        def step():
+            advance_to(drv, t)
+            return [drv.conn.health(drv.now)]
+
+        return step
+
+    probe = Script(at(0.0), at(500.0), at(7000.0))
+    with notify_socket.notifier(WATCHDOG_USEC="100000") as notifier:
+        got, after = await collect(notify_socket, notifier, probe, 3)
+    waiting = [
+        "STATUS=0/1 ready; shard 0: waiting 7200 s for the identify budget to reset, no ACK yet\n",
+        "STATUS=0/1 ready; shard 0: waiting 6700 s for the identify budget to reset, no ACK yet\n",
+        "STATUS=0/1 ready; shard 0: waiting 200 s for the identify budget to reset, no ACK yet\n",
+    ]
+    assert got == [line + PING for line in waiting]
     assert after == [STOPPING]
 
 
