@@ -84,9 +84,71 @@ def ensure_redis_server() -> None:
             return
 
 
+def ensure_diagram_renderer() -> None:
+    """Install what renders the state diagram (test and docs site) if missing; never fatal.
+
+    Mermaid comes from the npm registry into ``tools/diagram/node_modules`` (``npm ci``, at
+    the versions of its lock file; redone when the lock file changes), Chromium from apt (as
+    root). Every failure here is only printed: the render test then fails when run as root,
+    skips otherwise, and ``mkdocs build`` stops with a message.
+    """
+    tools = ROOT / "tools" / "diagram"
+    stamp = tools / "node_modules" / ".qqproto-install-stamp"
+    want = hashlib.sha256((tools / "package-lock.json").read_bytes()).hexdigest()
+    root_apt = shutil.which("apt-get") if hasattr(os, "geteuid") and os.geteuid() == 0 else None
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    missing = [
+        package
+        for package, tool in (("chromium", "chromium"), ("npm", "npm"))
+        if shutil.which(tool) is None
+    ]
+    if missing and root_apt is None:
+        print(f"dev.py: {' and '.join(missing)} not found (not root with apt-get)")
+    elif missing:
+        print(f"dev.py: installing {' '.join(missing)} with apt-get", flush=True)
+        for args in (["update", "-qq"], ["install", "-y", "-qq", *missing]):
+            try:
+                done = subprocess.run(
+                    [root_apt, *args],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=900,
+                    check=False,
+                )
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                print(f"dev.py: apt-get {args[0]} failed ({exc})")
+                break
+            if done.returncode != 0:
+                print(f"dev.py: apt-get {args[0]} exited {done.returncode}")
+                print("\n".join((done.stderr or done.stdout).strip().splitlines()[-5:]))
+                break
+    npm = shutil.which("npm")
+    if stamp.exists() and stamp.read_text() == want:
+        return
+    if npm is None:
+        print("dev.py: npm not found; the diagram render test and the docs build need Mermaid")
+        return
+    print("dev.py: installing Mermaid into tools/diagram with npm ci", flush=True)
+    args = [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"]
+    try:
+        done = subprocess.run(
+            args, cwd=tools, capture_output=True, text=True, timeout=900, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print(f"dev.py: npm ci failed ({exc})")
+        return
+    if done.returncode != 0:
+        print(f"dev.py: npm ci exited {done.returncode}")
+        print("\n".join((done.stderr or done.stdout).strip().splitlines()[-5:]))
+        return
+    stamp.write_text(want)
+
+
 def run_tests() -> int:
     """Run every step, even after a failure, and fail if any step failed."""
     ensure_redis_server()
+    ensure_diagram_renderer()
     failed: list[str] = []
     for name, args in TEST_STEPS:
         print(f"\n=== {name}", flush=True)

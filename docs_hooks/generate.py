@@ -11,6 +11,14 @@
 # A marker that is not known fails the build.
 # The CLI reference is rendered with every QQBOT_* variable removed from the environment:
 # the parser reads its defaults from there, and a secret must never end up in a page.
+#
+# Mermaid ships with the site. Material renders ```mermaid blocks with a page-global
+# `mermaid` when one is loaded, and only otherwise fetches mermaid@11 from unpkg at page
+# load: offline, or where unpkg is slow or blocked, readers then saw the diagram's source.
+# `on_files` copies the pinned mermaid.min.js (tools/diagram, installed by `npm ci`, which
+# `python3 dev.py test` runs) into the site, and `on_post_page` loads it on the pages that
+# have a diagram: it is 3.5 MB, and the other pages do not need it. The build fails when it
+# is missing rather than quietly publishing pages that depend on a CDN.
 """MkDocs hook: replaces marker comments in docs/ with text generated from the code."""
 
 from __future__ import annotations
@@ -18,15 +26,43 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from unittest import mock
 
 from mkdocs.exceptions import PluginError
+from mkdocs.structure.files import File
+from mkdocs.utils import get_relative_url
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-__all__ = ["MARKERS", "cli_options", "render_cli_reference", "replace_markers"]
+    from mkdocs.config.defaults import MkDocsConfig
+    from mkdocs.structure.files import Files
+    from mkdocs.structure.pages import Page
+
+__all__ = [
+    "MARKERS",
+    "MERMAID_JS",
+    "MERMAID_URI",
+    "cli_options",
+    "render_cli_reference",
+    "replace_markers",
+]
+
+MERMAID_JS = (
+    Path(__file__).resolve().parent.parent
+    / "tools"
+    / "diagram"
+    / "node_modules"
+    / "mermaid"
+    / "dist"
+    / "mermaid.min.js"
+)
+"""Mermaid as npm installs it from ``tools/diagram/package-lock.json``."""
+
+MERMAID_URI = "javascripts/mermaid.min.js"
+"""Where the site serves it."""
 
 _MARKER = re.compile(r"<!-- qqproto:([a-z-]+) -->")
 _ENV = re.compile(r"\bQQBOT_[A-Z_]+\b")
@@ -173,3 +209,27 @@ def replace_markers(markdown: str, where: str = "<page>") -> str:
 def on_page_markdown(markdown: str, *, page: Any, config: Any, files: Any) -> str:  # noqa: ARG001
     """MkDocs event: generate the marked parts of a page from the code."""
     return replace_markers(markdown, page.file.src_uri)
+
+
+def on_files(files: Files, *, config: MkDocsConfig) -> Files:
+    """MkDocs event: add the pinned Mermaid to the site."""
+    if not MERMAID_JS.is_file():
+        raise PluginError(
+            f"{MERMAID_JS} is missing: run `npm ci` in tools/diagram "
+            "(python3 dev.py test does), so that the site renders its diagrams without a CDN"
+        )
+    files.append(File.generated(config, MERMAID_URI, abs_src_path=str(MERMAID_JS)))
+    return files
+
+
+def on_post_page(output: str, *, page: Page, config: MkDocsConfig) -> str:  # noqa: ARG001
+    """MkDocs event: load Mermaid on a page with a diagram, before Material looks for it."""
+    if '<pre class="mermaid">' not in output:
+        return output
+    src = get_relative_url(MERMAID_URI, page.url)
+    # A plain (blocking) script at the end of the body runs before DOMContentLoaded, which
+    # is when Material's bundle mounts its components and checks for a global `mermaid`.
+    head, body_end, tail = output.rpartition("</body>")
+    if not body_end:
+        raise PluginError(f"{page.file.src_uri}: no </body> to load Mermaid before")
+    return f'{head}<script src="{src}"></script>\n{body_end}{tail}'

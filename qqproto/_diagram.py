@@ -8,13 +8,13 @@
 # `[not guard]`, which is what pytransitions evaluates.
 #
 # Drawn as a transition table, the lifecycle is ~60 arrows, most of them the same few exits
-# repeated from every state. So the picture is laid out from the machine's data, with no
-# state or trigger named here (the other rules must keep working when TRANSITIONS changes):
+# repeated from every state. So the picture is laid out from the machine's data by rules that
+# name no state or trigger, and must keep working whatever TRANSITIONS becomes:
 #
 # - Transitions that share trigger, guard and destination form a group with a set of sources.
-#   A source set that several groups share becomes a composite state (a box), and each such
-#   group is one arrow from the box. Boxes nest but never overlap, chosen greedily by how
-#   many arrows they save; a box is named after the `_states` list with the same members.
+#   A source set becomes a composite state (a box), and each group leaving from all of it one
+#   arrow from the box. Boxes nest but never overlap, chosen greedily by how many arrows they
+#   save; a box is named after the `_states` list with the same members.
 # - A `[g]` / `[not g]` pair for one trigger and source set becomes one arrow into a choice
 #   diamond, shared by every trigger that splits on the same guard to the same two states.
 # - A group that would still need three or more arrows (the application's close from the
@@ -44,11 +44,13 @@ from typing import TYPE_CHECKING
 from qqproto import _states
 from qqproto._close_codes import (
     CLOSE_CODE_POLICY,
+    CREDENTIALS_REJECTED,
     DEADLINE,
     INVALID_SESSION,
     INVALID_SESSION_RESUMABLE,
     RECONNECT_REQUEST,
     REQUEST_FAILED,
+    REQUEST_UNAUTHORIZED,
     SERVER_RESET,
     START_LIMIT_EXHAUSTED,
     UNKNOWN_CLOSE,
@@ -74,8 +76,10 @@ DIAGRAM_PATH = Path(__file__).resolve().parent.parent / "state_diagram.md"
 
 # A group still needing this many arrows after boxing is written as a note instead.
 _NOTE_FROM = 3
-# A box must save at least this many arrows, or it only adds a frame to look at.
-_MIN_SAVING = 2
+# A box must save at least this many arrows, or it only adds a frame to look at. One is
+# enough: boxed, ZOMBIE and CLOSING sit side by side with one exit (measured in Chromium:
+# a third narrower, a third of the crossings, no edge through a label).
+_MIN_SAVING = 1
 # Deeper nesting than this is no longer read at a glance.
 _MAX_DEPTH = 3
 # Explicit text colour too: GitHub and the docs site may draw the diagram on a dark page.
@@ -237,13 +241,21 @@ def _boxes(items: list[_Item], states: list[str], initial: str) -> list[frozense
         if len(item.sources) < 2 or not item.sources < everything:
             continue
         saving[item.sources] = saving.get(item.sources, 0) + len(item.sources) - 1
+    # A choice's arrows start from its id, not from states: where the choice leads.
+    leads: dict[str, set[str]] = {}
+    for item in items:
+        for choice in item.sources - everything:
+            leads.setdefault(choice, set()).add(item.target)
     chosen: list[frozenset[str]] = []
     ranked = sorted(saving.items(), key=lambda kv: (-kv[1], -len(kv[0]), sorted(kv[0])))
     for box, saved in ranked:
         if saved < _MIN_SAVING or initial in box:
             continue
-        # An arrow from a box to one of its own members reads as nonsense.
-        if any(item.sources == box and item.target in box for item in items):
+        # An arrow from a box to one of its own members (a choice declared inside it, too)
+        # reads as nonsense, and Mermaid's layout may reject it.
+        if any(
+            item.sources == box and leads.get(item.target, {item.target}) <= box for item in items
+        ):
             continue
         if not all(_laminar(box, other) for other in chosen):
             continue
@@ -372,6 +384,15 @@ def _declare(layout: _Layout, box: frozenset[str] | None, indent: str, out: list
     for choice, touching in layout.choices.items():
         if _innermost(touching, layout.boxes) == box:
             out.append(f"{indent}state {choice} <<choice>>")
+    # In its state's box: Mermaid 10 moves a state to wherever its note is written.
+    for state, texts in layout.notes.items():
+        if _innermost({state}, layout.boxes) != box:
+            continue
+        if len(texts) == 1:
+            out.append(f"{indent}note right of {state} : {texts[0]}")
+        else:
+            out += [f"{indent}note right of {state}", *(f"{indent}    {t}" for t in texts)]
+            out.append(f"{indent}end note")
 
 
 def render_mermaid(machine: Machine | None = None) -> str:
@@ -385,15 +406,6 @@ def render_mermaid(machine: Machine | None = None) -> str:
     lines += [
         f"    {src} --> {dst} : {', '.join(labels)}" for (src, dst), labels in layout.arrows.items()
     ]
-    for state, texts in layout.notes.items():
-        if len(texts) == 1:
-            lines.append(f"    note right of {state} : {texts[0]}")
-        else:
-            lines += [
-                f"    note right of {state}",
-                *(f"        {t}" for t in texts),
-                "    end note",
-            ]
     lines += [f"    {state} --> [*]" for state in layout.terminal]
     if layout.main:
         lines.append(f"    class {', '.join(layout.main)} main")
@@ -418,13 +430,13 @@ def render_markdown(machine: Machine | None = None) -> str:
         render_mermaid(machine).rstrip("\n"),
         "```",
         "",
-        "How to read it. The highlighted states are the happy path, from `start` to a live",
-        "session. A box groups states that leave the same way: an arrow from a box leaves from",
-        "every state inside it (the boxes are named after the groups in `qqproto/_states.py`).",
-        "A diamond is a choice: the arrow into it names the input, the arrows out of it the",
-        "guard that picks the way. A note names an input that leads to its state and the states",
-        "it comes from. The table under [Transitions](#transitions) lists every transition",
-        "one by one.",
+        "How to read it. The highlighted states are the happy path, from the initial state to",
+        "a live session. A box groups states that leave the same way: an arrow from a box leaves",
+        "from every state inside it (the boxes are named after the groups in",
+        "`qqproto/_states.py`). A diamond is a choice: the arrow into it names the input, the",
+        "arrows out of it the guard that picks the way. A note names an input that leads to its",
+        "state and the states it comes from. The table under [Transitions](#transitions) lists",
+        "every transition one by one.",
         "",
         "## States",
         "",
@@ -490,6 +502,8 @@ def render_close_codes() -> str:
         ("heartbeat ACK missed (zombie)", ZOMBIE),
         ("a phase deadline passed", DEADLINE),
         ("token or gateway request failed", REQUEST_FAILED),
+        ("`/gateway/bot` refused the access token (HTTP 401)", REQUEST_UNAUTHORIZED),
+        ("the token endpoint rejected the app id or secret", CREDENTIALS_REJECTED),
         ("Identify due, `session_start_limit.remaining` is 0", START_LIMIT_EXHAUSTED),
     ]
     rows += [_policy_row(what, policy) for what, policy in others]
