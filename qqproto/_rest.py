@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-
 from urllib.parse import urlsplit
 
 from qqproto._errors import FailureKind, InvalidResponse

@@ -267,9 +267,9 @@ class GatewayClient:
             self._driver_scopes.append(scope)
             try:
                 await driver.run()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - raised again from __aexit__
                 # A bug (the core's ERROR state): stop every shard and tell the caller.
-                log.error("shard %s failed: %r", driver.conn.config.shard[0], exc)
+                log.exception("shard %s failed", driver.conn.config.shard[0])
                 if self._failure is None:
                     self._failure = exc
                 for other in self.drivers.values():

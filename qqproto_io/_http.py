@@ -1,9 +1,16 @@
 # The two HTTP calls a gateway session needs: the access token and the gateway URL.
 #
 # httpx: a well-kept async client that runs on asyncio and trio alike (through anyio), with
-# per-request timeouts and proxy support from the environment. Parsing the answers is the
-# core's job (`qqproto.parse_token_response`, `parse_gateway_response`), so every driver
-# reads them the same way.
+# proxy support from the environment. Parsing the answers is the core's job
+# (`qqproto.parse_token_response`, `parse_gateway_response`), and so is deciding what a
+# failure means (`classify_status`, `InvalidResponse.kind`), so every driver reads them and
+# reacts to them the same way.
+#
+# The server is a peer like any other: every call is bounded as a whole by `timeout` (httpx's
+# own timeouts are per read, so a body trickled a byte at a time would never trip them), a
+# body is read only up to `max_body_size`, and it is parsed by orjson, which refuses deep
+# nesting instead of overflowing the stack. Nothing but HttpFailure (or cancellation) leaves
+# a RestApi method, and no HttpFailure text holds the token, the secret or a body.
 #
 # `TokenSource` is shared by all shards of a process: one fetch at a time (single flight),
 # and a cached token is handed out while it has more than the core's refresh margin left,
@@ -13,21 +20,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 import httpx
+import orjson
 
 from qqproto import (
+    FailureKind,
     GatewayInfo,
     InvalidResponse,
     TokenGrant,
+    classify_status,
     parse_gateway_response,
     parse_token_response,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Awaitable, Callable, Mapping
 
     from qqproto import JSONValue
 
@@ -47,10 +58,23 @@ SANDBOX_API_BASE = "https://sandbox.api.sgroup.qq.com"
 """The sandbox REST base, for bots that are not listed yet (``qqproto run --sandbox``)."""
 DEFAULT_TOKEN_URL = "https://bots.qq.com/app/getAppAccessToken"  # noqa: S105 - a URL
 """The endpoint that exchanges the app id and client secret for an access token."""
+DEFAULT_MAX_BODY_SIZE = 4 << 20
+"""Largest response body read, in bytes (these endpoints answer a few hundred)."""
+
+_T = TypeVar("_T")
 
 
 class HttpFailure(Exception):
-    """A token or gateway request failed; the message is safe to log (no secret)."""
+    """A token, gateway or OpenAPI request failed; the message is safe to log (no secret).
+
+    Attributes:
+        kind: what a retry can do about it, by the core's rules (pass it on to
+            :meth:`~qqproto.GatewayConnection.request_failed`).
+    """
+
+    def __init__(self, message: str, *, kind: FailureKind = FailureKind.TRANSIENT) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +85,13 @@ class Credentials:
     client_secret: str = field(repr=False)
 
 
+class _NotJSON:
+    """A body that did not parse (distinct from the JSON ``null``)."""
+
+
+_NOT_JSON = _NotJSON()
+
+
 class RestApi:
     """The QQ REST endpoints a gateway session uses.
 
@@ -68,8 +99,10 @@ class RestApi:
         credentials: app id and client secret.
         api_base: REST base (production, sandbox, or a local fake).
         token_url: the token endpoint.
-        timeout: bound on each request, in seconds.
+        timeout: bound on each call as a whole (connect, send, headers and body), in
+            seconds; ``fetch_gateway`` with its fallback counts as one call.
         proxy: an ``http://`` proxy URL, or ``None`` to follow the environment.
+        max_body_size: the largest response body read, in bytes; a longer one fails.
     """
 
     def __init__(
@@ -80,12 +113,20 @@ class RestApi:
         token_url: str = DEFAULT_TOKEN_URL,
         timeout: float = 30.0,
         proxy: str | None = None,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     ) -> None:
         self._credentials = credentials
         self._api_base = api_base.rstrip("/")
         self._token_url = token_url
+        self._timeout = timeout
+        self._max_body = max_body_size
         self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout), proxy=proxy, trust_env=proxy is None
+            timeout=httpx.Timeout(timeout),
+            proxy=proxy,
+            trust_env=proxy is None,
+            # A compressed body is inflated a whole network read at a time, before the size
+            # bound can look at it; these answers are small enough to come as they are.
+            headers={"Accept-Encoding": "identity"},
         )
 
     async def aclose(self) -> None:
@@ -96,34 +137,24 @@ class RestApi:
         """``POST getAppAccessToken``.
 
         Raises:
-            HttpFailure: transport error, a status outside 2xx, or an unusable body.
+            HttpFailure: transport error, timeout, a status outside 2xx, an error ``code``
+                in the body (``kind`` from the core's rules: wrong credentials are
+                ``FATAL``), or an unusable body.
         """
-        body: JSONValue = {
-            "appId": self._credentials.app_id,
-            "clientSecret": self._credentials.client_secret,
-        }
-        data = await self._call("POST", self._token_url, json=body)
-        try:
-            return parse_token_response(data)
-        except InvalidResponse as exc:
-            raise HttpFailure(f"token: {exc}") from None
+        what = f"POST {_path(self._token_url)}"
+        return await self._bounded(what, self._fetch_token)
 
     async def fetch_gateway(self, token: str) -> GatewayInfo:
-        """``GET /gateway/bot``, falling back to ``GET /gateway`` when it is refused.
+        """``GET /gateway/bot``, falling back to ``GET /gateway`` when it fails.
+
+        There is no fallback when the token was refused (HTTP 401: ``kind`` is ``AUTH``):
+        the other endpoint would only refuse it too. Both calls share one ``timeout``.
 
         Raises:
-            HttpFailure: both failed.
+            HttpFailure: the call (or both) failed.
         """
-        headers = self._auth(token)
-        try:
-            data = await self._call("GET", f"{self._api_base}/gateway/bot", headers=headers)
-            return parse_gateway_response(data)
-        except (HttpFailure, InvalidResponse):
-            data = await self._call("GET", f"{self._api_base}/gateway", headers=headers)
-        try:
-            return parse_gateway_response(data)
-        except InvalidResponse as exc:
-            raise HttpFailure(f"gateway: {exc}") from None
+        what = f"GET {_path(self._api_base)}/gateway/bot"
+        return await self._bounded(what, partial(self._fetch_gateway, token))
 
     async def request(
         self, method: str, path: str, *, token: str, json: JSONValue = None
@@ -140,45 +171,153 @@ class RestApi:
             The response body parsed as JSON (``None`` for an empty body).
 
         Raises:
-            HttpFailure: a transport error, a status outside 2xx, or a body that is not JSON.
-                Its message names the method, path and status, never the body or token.
+            HttpFailure: a transport error, a timeout, a status outside 2xx, or a body that
+                is not JSON. Its message names the method, path and status, never the body
+                or token.
         """
         url = f"{self._api_base}{path}"
-        return await self._call(method, url, json=json, headers=self._auth(token))
+        what = f"{method} {_path(url)}"
+        return await self._bounded(what, partial(self._request, what, method, url, token, json))
+
+    # ------------------------------------------------------------------- the calls
+
+    async def _fetch_token(self) -> TokenGrant:
+        what = f"POST {_path(self._token_url)}"
+        body: JSONValue = {
+            "appId": self._credentials.app_id,
+            "clientSecret": self._credentials.client_secret,
+        }
+        status, content = await self._exchange(what, "POST", self._token_url, json=body)
+        data = _loads(content)
+        if not 200 <= status < 300:
+            # The body's error code says more than the status (a wrong secret comes as
+            # 401 or 200 alike): the core classifies it whenever the body names one.
+            if isinstance(data, dict) and data.get("code") is not None:
+                try:
+                    parse_token_response(data)
+                except InvalidResponse as exc:
+                    raise HttpFailure(f"token: HTTP {status}: {exc}", kind=exc.kind) from None
+            raise HttpFailure(f"{what}: HTTP {status}", kind=classify_status(status))
+        if isinstance(data, _NotJSON):
+            raise HttpFailure(f"{what}: body is not JSON")
+        try:
+            return parse_token_response(data)
+        except InvalidResponse as exc:
+            raise HttpFailure(f"token: {exc}", kind=exc.kind) from None
+
+    async def _fetch_gateway(self, token: str) -> GatewayInfo:
+        headers = self._auth(token)
+        try:
+            return await self._gateway("/gateway/bot", headers)
+        except HttpFailure as exc:
+            if exc.kind is not FailureKind.TRANSIENT:
+                raise
+        return await self._gateway("/gateway", headers)
+
+    async def _gateway(self, path: str, headers: Mapping[str, str]) -> GatewayInfo:
+        url = f"{self._api_base}{path}"
+        what = f"GET {_path(url)}"
+        status, content = await self._exchange(what, "GET", url, headers=headers)
+        if not 200 <= status < 300:
+            raise HttpFailure(f"{what}: HTTP {status}", kind=classify_status(status))
+        data = _loads(content)
+        if isinstance(data, _NotJSON):
+            raise HttpFailure(f"{what}: body is not JSON")
+        try:
+            return parse_gateway_response(data)
+        except InvalidResponse as exc:
+            raise HttpFailure(f"gateway: {exc}", kind=exc.kind) from None
+
+    async def _request(
+        self, what: str, method: str, url: str, token: str, json: JSONValue
+    ) -> JSONValue:
+        status, content = await self._exchange(
+            what, method, url, json=json, headers=self._auth(token)
+        )
+        if not 200 <= status < 300:
+            raise HttpFailure(f"{what}: HTTP {status}", kind=classify_status(status))
+        data = _loads(content)
+        if isinstance(data, _NotJSON):
+            raise HttpFailure(f"{what}: body is not JSON")
+        return data
 
     def _auth(self, token: str) -> dict[str, str]:
         return {"Authorization": f"QQBot {token}", "X-Union-Appid": self._credentials.app_id}
 
-    async def _call(
+    # -------------------------------------------------------------- the boundary
+
+    async def _bounded(self, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """``call()`` within ``timeout`` as a whole; whatever else it raises is HttpFailure."""
+        with anyio.move_on_after(self._timeout):
+            try:
+                return await call()
+            except HttpFailure:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the documented contract is HttpFailure
+                # By type alone: an exception's text may quote what it choked on.
+                raise HttpFailure(f"{what}: {type(exc).__name__}") from None
+        raise HttpFailure(f"{what}: timed out after {self._timeout:g} s")
+
+    async def _exchange(
         self,
+        what: str,
         method: str,
         url: str,
         *,
         json: JSONValue = None,
         headers: Mapping[str, str] | None = None,
-    ) -> JSONValue:
+    ) -> tuple[int, bytes]:
+        """The status and the body (at most ``max_body_size`` bytes) of one request."""
         try:
-            response = await self._client.request(method, url, json=json, headers=headers)
+            async with self._client.stream(method, url, json=json, headers=headers) as response:
+                declared = response.headers.get("Content-Length", "")
+                if declared.isdigit() and int(declared) > self._max_body:
+                    raise HttpFailure(f"{what}: body larger than {self._max_body} bytes")
+                chunks: list[bytes] = []
+                size = 0
+                with anyio.CancelScope() as reading:
+                    async for chunk in response.aiter_bytes():
+                        size += len(chunk)
+                        if size > self._max_body:
+                            # Not break: that would leave httpx's nested async generators
+                            # suspended (a ResourceWarning on trio). Cancelled at its next
+                            # read, the innermost one unwinds them all.
+                            chunks.clear()
+                            reading.cancel()
+                        elif not reading.cancel_called:
+                            chunks.append(chunk)
+                if size > self._max_body:
+                    raise HttpFailure(f"{what}: body larger than {self._max_body} bytes")
+                return response.status_code, b"".join(chunks)
         except httpx.HTTPError as exc:
-            # httpx messages name the URL and the error, never the body or headers.
-            raise HttpFailure(f"{method} {_path(url)}: {type(exc).__name__}") from None
-        if not 200 <= response.status_code < 300:
-            raise HttpFailure(f"{method} {_path(url)}: HTTP {response.status_code}")
-        if not response.content:
-            return None
-        try:
-            data: JSONValue = response.json()
-        except ValueError:
-            raise HttpFailure(f"{method} {_path(url)}: body is not JSON") from None
-        return data
+            # httpx messages name the URL and the error, never the body or headers; the
+            # type says enough.
+            raise HttpFailure(f"{what}: {type(exc).__name__}") from None
+
+
+def _loads(content: bytes) -> JSONValue | _NotJSON:
+    if not content:
+        return None
+    try:
+        data: JSONValue = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return _NOT_JSON
+    return data
 
 
 def _path(url: str) -> str:
-    return httpx.URL(url).path
+    try:
+        return httpx.URL(url).path
+    except Exception:  # noqa: BLE001 - only ever used to word an error
+        return "<invalid URL>"
 
 
 class TokenSource:
     """One access token for every shard of a process, fetched one at a time.
+
+    The lock is held during a fetch, so waiting callers share its result; that never
+    wedges them, because a fetch is bounded by the API's ``timeout`` and a caller cancelled
+    mid-fetch releases the lock (the next caller then fetches anew).
 
     Args:
         api: where tokens come from.

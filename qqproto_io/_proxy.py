@@ -4,6 +4,11 @@
 # HTTPS_PROXY/ALL_PROXY). We speak plain HTTP CONNECT with h11 parsing the proxy's answer,
 # then start TLS to the real host through the tunnel, so the proxy never sees the token.
 # SOCKS is not supported: Clash and Mihomo expose an HTTP port as well.
+#
+# A proxy is a peer like any other: whatever it answers ends in ProxyError (an OSError),
+# never in an h11 exception, and its answer is read only up to a small size. Error texts
+# never quote h11's messages: those repeat header values, ours (Proxy-Authorization)
+# included, and the proxy's bytes. Every failure after the socket opened closes it.
 """Direct and HTTP-CONNECT-proxied stream opening, with NO_PROXY rules."""
 
 from __future__ import annotations
@@ -107,15 +112,33 @@ async def open_stream(
     ssl_context: ssl.SSLContext | None,
     proxy: ProxyConfig | None,
 ) -> ByteStream:
-    """A byte stream to ``host:port``: through ``proxy`` if it applies, TLS if asked
-    (with ``ssl_context``, or the system defaults when it is ``None``)."""
+    """A byte stream to ``host:port``: through ``proxy`` if it applies, TLS if asked.
+
+    Args:
+        host: the host to reach.
+        port: its port.
+        tls: start TLS to ``host`` (through the tunnel, if there is one).
+        ssl_context: the TLS settings, or ``None`` for the system defaults.
+        proxy: the HTTP CONNECT proxy, or ``None``.
+
+    Raises:
+        ProxyError: the proxy refused, garbled or cut the CONNECT.
+        OSError: the connection or the TLS handshake failed (``ssl.SSLError`` is one).
+        anyio.BrokenResourceError: the link broke during the TLS handshake.
+    """
     if proxy is not None and proxy.applies_to(host):
         stream: ByteStream = await _connect_tunnel(proxy, host, port)
         if tls:
-            stream = await TLSStream.wrap(
-                stream, hostname=host, ssl_context=ssl_context, standard_compatible=False
-            )
+            try:
+                stream = await TLSStream.wrap(
+                    stream, hostname=host, ssl_context=ssl_context, standard_compatible=False
+                )
+            except BaseException:
+                # Forcefully: under cancellation a plain aclose() would not close at all.
+                await anyio.aclose_forcefully(stream)
+                raise
         return stream
+    # anyio closes the socket itself when its own TLS handshake fails.
     if tls:
         return await anyio.connect_tcp(host, port, tls=True, ssl_context=ssl_context)
     return await anyio.connect_tcp(host, port)
@@ -126,27 +149,49 @@ async def _connect_tunnel(proxy: ProxyConfig, host: str, port: int) -> ByteStrea
     try:
         await _send_connect(stream, proxy, host, port)
     except BaseException:
-        await stream.aclose()
+        await anyio.aclose_forcefully(stream)
         raise
     return stream
 
 
+_MAX_CONNECT_ANSWER = 16 * 1024
+"""Bytes of a proxy's answer to CONNECT read at most (a real one is a few hundred)."""
+
+
 async def _send_connect(stream: ByteStream, proxy: ProxyConfig, host: str, port: int) -> None:
-    conn = h11.Connection(h11.CLIENT)
     authority = f"{host}:{port}"
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_CONNECT_ANSWER)
     headers = [("Host", authority)]
     if proxy.authorization is not None:
         headers.append(("Proxy-Authorization", proxy.authorization))
-    request = h11.Request(method="CONNECT", target=authority, headers=headers)
-    await stream.send(conn.send(request))
+    try:
+        request = conn.send(h11.Request(method="CONNECT", target=authority, headers=headers))
+    except h11.LocalProtocolError:
+        raise ProxyError(f"cannot write a CONNECT request for {authority!r}") from None
+    await stream.send(request)
+    received = 0
     while True:
-        event = conn.next_event()
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError:
+            raise ProxyError("proxy sent a malformed answer to CONNECT") from None
         if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive(65536))
-            continue
-        if isinstance(event, h11.Response):
+            try:
+                data = await stream.receive(_MAX_CONNECT_ANSWER)
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                raise ProxyError("proxy closed the connection during CONNECT") from None
+            received += len(data)
+            if received > _MAX_CONNECT_ANSWER:
+                raise ProxyError("proxy's answer to CONNECT is too long")
+            conn.receive_data(data)
+        elif isinstance(event, h11.Response):
             if event.status_code != 200:
                 raise ProxyError(f"proxy answered CONNECT with HTTP {event.status_code}")
+            if conn.trailing_data[0]:
+                # Both TLS and the WebSocket upgrade speak first: bytes from upstream
+                # before we said anything are not the stream we asked for.
+                raise ProxyError("proxy sent data before the tunnel was used")
             return
-        if isinstance(event, h11.ConnectionClosed):
+        elif isinstance(event, h11.ConnectionClosed):
             raise ProxyError("proxy closed the connection during CONNECT")
+        # An informational (1xx) answer: the real one follows, within the byte bound.

@@ -46,6 +46,11 @@ log = logging.getLogger("qqproto_io.stores")
 
 IDENTIFY_WINDOW = 5.0
 BUDGET_PERIOD = 86_400.0  # session_start_limit.total is per 24 h
+NEW_PERIOD_SLACK = 60.0
+"""Seconds by which two answers' reset times may differ and still name the same period.
+
+They differ by the answers' latency (seconds at worst); a new period's reset is a day later.
+"""
 
 
 class SnapshotStore(Protocol):
@@ -294,20 +299,37 @@ class LocalIdentifyLimiter:
 
         Async like :meth:`RedisIdentifyLimiter.update_limit`, so a caller can treat both alike.
 
-        The server's ``remaining`` replaces the count (permits granted but not yet used for
-        an Identify may be counted twice until the next answer: the safe direction).
+        Answers are merged, never simply taken: shards fetch ``/gateway/bot`` concurrently,
+        and an answer sent before the permits granted since cannot know of them. Within the
+        current period an answer can only lower what is left. Only an answer whose reset
+        lies clearly later than the one held (by more than ``NEW_PERIOD_SLACK``) starts a
+        new period with its ``remaining``; one whose reset lies clearly earlier describes a
+        period already over and is ignored. The reset time is kept absolute, fixed when the
+        answer arrived (``now + reset_after``).
         """
         now = self._clock()
-        old = self._budget
-        if old is not None:
-            old.roll(now)
-        self._budget = _Budget(
-            total=max(0, limit.total),
-            left=max(0, limit.remaining),
-            reset_at=now + max(0.0, limit.reset_after),
-            period=old.period if old is not None else 0,
-            promised=old.promised if old is not None else 0,
-        )
+        reset_at = now + max(0.0, limit.reset_after)
+        total = max(0, limit.total)
+        remaining = max(0, limit.remaining)
+        budget = self._budget
+        if budget is None:
+            self._budget = _Budget(total=total, left=remaining, reset_at=reset_at)
+            return
+        budget.roll(now)
+        if reset_at > budget.reset_at + NEW_PERIOD_SLACK:
+            # The server's period turned over before ours did: its count is the truth now,
+            # less the permits already promised to whoever waits for that turn.
+            budget.total = total
+            budget.left = max(0, remaining - budget.promised)
+            budget.promised = 0
+            budget.reset_at = reset_at
+            budget.period += 1
+        elif reset_at >= budget.reset_at - NEW_PERIOD_SLACK:
+            budget.total = total
+            budget.left = min(budget.left, remaining)
+            # Two answers about one reset differ only by their latency: the later estimate
+            # is the safe one (a budget that refills early grants what the server has not).
+            budget.reset_at = max(budget.reset_at, reset_at)
 
     async def acquire(self, shard_id: int, max_concurrency: int | None) -> None:
         """Wait for the budget and the bucket's next free slot, and take them.

@@ -8,10 +8,20 @@
 # `abort`. Everything the transport learns goes into the inbox as a small tuple tagged with
 # the transport's id, so that reports from an aborted transport can be told apart.
 #
-# wsproto does no size limit and does not answer pings or close frames (LIBRARY_NOTES C.1):
-# we join message fragments up to `max_message_size` (close 1009 above), answer pings, echo
-# the peer's close, and send the close ourselves when wsproto turns a framing or UTF-8 error
-# into a CloseConnection event while the state is still OPEN.
+# Nothing the peer, a proxy or the network does may end the task with an exception: the
+# task is the driver's child, and an exception there would take every shard down with it.
+# Whatever goes wrong ends the transport with one TransportClosed whose reason names what
+# happened; only cancellation (abort, or the driver going away) leaves it otherwise.
+#
+# wsproto does no size limit and does not answer pings or close frames, and it raises
+# LocalProtocolError for a frame sent in a state that forbids it (a Pong or a second close
+# after our close went out): we answer pings and echo the peer's close only while the state
+# allows it, and send the close ourselves when wsproto turns a framing or UTF-8 error into a
+# CloseConnection event while the state is still OPEN. wsproto streams a data frame's
+# payload out as it arrives, so a message is measured piece by piece: one above
+# `max_message_size` is dropped as it streams in (never held), the connection stays open,
+# and the core hears of it as a TransportOversized. Closing with 1009 would not help: the
+# server replays the same message on every Resume until the session is lost.
 """A WebSocket client transport on anyio + wsproto, driven through an inbox."""
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import contextlib
 import functools
 import ssl
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 from urllib.parse import urlsplit
 
 import anyio
@@ -28,7 +38,9 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
     AcceptConnection,
+    BytesMessage,
     CloseConnection,
+    Event,
     Ping,
     RejectConnection,
     RejectData,
@@ -49,6 +61,7 @@ __all__ = [
     "TransportLimits",
     "TransportMessages",
     "TransportOpened",
+    "TransportOversized",
 ]
 
 
@@ -61,14 +74,32 @@ class TransportOpened:
 
 @dataclass(frozen=True, slots=True)
 class TransportMessages:
-    """Transport ``ident`` received these complete text messages, in order, in one read.
+    """Transport ``ident`` received these complete messages, in order, in one read.
 
+    Text messages are ``str``, binary ones ``bytes`` (the core decodes and judges them).
     One report per network read, not per message: a 64 KiB read holds about sixty 1 KB
     dispatches, and every report costs the protocol loop a pass.
     """
 
     ident: int
-    texts: tuple[str, ...] = field(repr=False)
+    texts: tuple[str | bytes, ...] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TransportOversized:
+    """Transport ``ident`` received a message above the limit and dropped it unread.
+
+    Reported, in order with the messages around it, once the message's last fragment has
+    arrived; the connection stays open.
+
+    Attributes:
+        ident: the transport.
+        size: the message's size in UTF-8 bytes (bytes for a binary message), above
+            ``TransportLimits.max_message_size``.
+    """
+
+    ident: int
+    size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +111,13 @@ class TransportClosed:
     reason: str
 
 
-TransportReport = TransportOpened | TransportMessages | TransportClosed
+TransportReport = TransportOpened | TransportMessages | TransportOversized | TransportClosed
 
 _READ_SIZE = 65536
+# Exception types whose text is safe to put in a reason: they describe the network, the URL
+# or the handshake, never a payload or a credential. Anything else is named by type alone.
+_TELLING = (OSError, RemoteProtocolError, ValueError)
+_MAX_DETAIL = 200
 
 
 @functools.cache
@@ -92,13 +127,33 @@ def _default_ssl_context() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
+def _describe(exc: BaseException) -> str:
+    """``Type: text`` for a failure, the text only when its type cannot carry a secret."""
+    # Task groups wrap what their tasks raise: name the first real cause.
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    name = type(exc).__name__
+    text = str(exc) if isinstance(exc, _TELLING) else ""
+    if len(text) > _MAX_DETAIL:
+        text = text[:_MAX_DETAIL] + "..."
+    return f"{name}: {text}" if text else name
+
+
+def _utf8_size(data: str | bytes) -> int:
+    # isascii() is O(1) on CPython's compact strings: only non-ASCII text pays an encode.
+    if isinstance(data, str) and not data.isascii():
+        return len(data.encode())
+    return len(data)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TransportLimits:
     """Bounds of one transport. Times in seconds.
 
     Attributes:
-        max_message_size: a text message above this closes with 1009 (1 MiB, the core's
-            payload limit).
+        max_message_size: a message above this many bytes (UTF-8 for text) is dropped as it
+            arrives and reported as :class:`TransportOversized` (1 MiB, the core's payload
+            limit).
         write_queue: messages waiting for the socket before the transport gives up (the
             core sends a handful per minute; a full queue means the peer stopped reading).
         open_timeout: DNS + TCP + proxy + TLS + upgrade. The core bounds the attempt too;
@@ -111,7 +166,11 @@ class TransportLimits:
 
 
 class Transport:
-    """A WebSocket to ``url`` living in ``task_group``; reports go to ``inbox``."""
+    """A WebSocket to ``url`` living in ``task_group``; reports go to ``inbox``.
+
+    Whatever the peer, a proxy or the network does, the transport ends with exactly one
+    :class:`TransportClosed` (unless aborted) and never raises into its task group.
+    """
 
     def __init__(
         self,
@@ -162,6 +221,13 @@ class Transport:
             data = self._ws.send(event)
         except LocalProtocolError:
             return
+        except Exception as exc:  # noqa: BLE001 - the driver's loop must never see it
+            # A close code wsproto cannot encode, say: nothing sent from now on is framed
+            # the way the core asked, so end here rather than limp on. By type alone: the
+            # text of an encoding error quotes the payload it choked on.
+            self._report_closed(None, f"cannot send: {type(exc).__name__}")
+            self._scope.cancel()
+            return
         try:
             self._outgoing.send_nowait(data)
         except anyio.ClosedResourceError:
@@ -183,7 +249,7 @@ class Transport:
             except anyio.WouldBlock:
                 await self._inbox.send(item)
 
-    async def _report_messages(self, batch: list[str]) -> None:
+    async def _report_messages(self, batch: list[str | bytes]) -> None:
         if batch:
             texts = tuple(batch)
             batch.clear()
@@ -215,10 +281,12 @@ class Transport:
                     tg.cancel_scope.deadline = anyio.current_time() + 1.0
             except TimeoutError:
                 self._report_closed(None, "connection not open in time")
-            except (OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
-                self._report_closed(None, f"transport error: {type(exc).__name__}: {exc}")
             except RemoteProtocolError as exc:
                 self._report_closed(None, f"WebSocket handshake failed: {exc}")
+            except Exception as exc:  # noqa: BLE001 - nothing from outside may end the task
+                # OSError, TLS, proxy, h11 or wsproto errors, a bad URL, a broken stream, a
+                # closed inbox: the core hears of it as a lost connection, and so does a log.
+                self._report_closed(None, f"transport error: {_describe(exc)}")
             finally:
                 self._report_closed(None, "connection ended")
                 self._outgoing.close()
@@ -227,16 +295,22 @@ class Transport:
                     # Forcefully: a TLS close waits for the peer's close_notify, which a
                     # half-open link never sends. Last, because in an aborted (cancelled)
                     # scope it re-raises the cancellation once the socket is closed.
-                    await anyio.aclose_forcefully(stream)
+                    with contextlib.suppress(Exception):
+                        await anyio.aclose_forcefully(stream)
 
     async def _open(self) -> ByteStream:
-        parts = urlsplit(self.url)
+        try:
+            parts = urlsplit(self.url)
+            port = parts.port  # raises on a port that is not a number in 0-65535
+        except ValueError as exc:
+            raise ValueError(f"invalid gateway URL: {exc}") from None
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError("invalid gateway URL: not ws:// or wss:// with a host")
         secure = parts.scheme == "wss"
-        host = parts.hostname or ""
-        port = parts.port or (443 if secure else 80)
+        host = parts.hostname
         stream = await open_stream(
             host,
-            port,
+            port or (443 if secure else 80),
             tls=secure,
             ssl_context=(self._ssl_context or _default_ssl_context()) if secure else None,
             proxy=self._proxy,
@@ -244,7 +318,16 @@ class Transport:
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
-        netloc = host if parts.port is None else f"{host}:{parts.port}"
+        try:
+            await self._upgrade(stream, host if port is None else f"{host}:{port}", target)
+        except BaseException:
+            # _run closes only a stream it was handed: a refused upgrade must not leak it.
+            with contextlib.suppress(Exception):
+                await anyio.aclose_forcefully(stream)
+            raise
+        return stream
+
+    async def _upgrade(self, stream: ByteStream, netloc: str, target: str) -> None:
         await stream.send(self._ws.send(Request(host=netloc, target=target)))
         while True:
             data = await stream.receive(_READ_SIZE)
@@ -252,63 +335,121 @@ class Transport:
             for event in self._ws.events():
                 if isinstance(event, AcceptConnection):
                     await self._report(TransportOpened(self.ident))
-                    return stream
+                    return
                 if isinstance(event, RejectConnection | RejectData):
                     status = getattr(event, "status_code", "?")
                     raise RemoteProtocolError(f"upgrade rejected (HTTP {status})", None)
 
     async def _write(self, stream: ByteStream) -> None:
-        async with self._outgoing_receive:
-            async for data in self._outgoing_receive:
-                await stream.send(data)
+        try:
+            async with self._outgoing_receive:
+                async for data in self._outgoing_receive:
+                    await stream.send(data)
+        except Exception as exc:  # noqa: BLE001 - a broken link, whatever form it takes
+            # Ended here rather than raised: the task group would wrap it in a group, and a
+            # group that meets an abort is not an Exception any more.
+            self._report_closed(None, f"send failed: {_describe(exc)}")
+            self._scope.cancel()
 
     async def _read(self, stream: ByteStream) -> None:
         ws = self._ws
-        pieces: list[str] = []
-        size = 0
+        cap = self._limits.max_message_size
+        # A message of at most cap/4 characters fits whatever it holds (UTF-8 needs at most
+        # four bytes per character): the common case is one comparison, no encode.
+        sure = cap // 4
+        pieces: list[str | bytes] = []
+        size = 0  # bytes of the message so far: an upper bound until `exact`
+        exact = False
+        dropping = False  # the message is over the cap: count its pieces, keep none
         # Parse first, read second: the read that completed the handshake may already hold
         # the Hello, and it must not wait for the next packet (which may never come).
         data: bytes | None = b""
-        batch: list[str] = []
+        lost = "connection lost (EOF)"
+        batch: list[str | bytes] = []
         while True:
             for event in ws.events():
+                piece: str | bytes
                 if isinstance(event, TextMessage):
-                    pieces.append(event.data)
-                    size += len(event.data)
-                    if size > self._limits.max_message_size:
-                        await self._report_messages(batch)
-                        self._queue_raw(ws.send(CloseConnection(code=1009, reason="too big")))
-                        self._report_closed(1009, "message larger than the limit")
+                    piece = event.data
+                    # The hot path: a whole message in one piece, well within the cap.
+                    if (
+                        event.message_finished
+                        and not pieces
+                        and not dropping
+                        and (len(piece) <= sure or _utf8_size(piece) <= cap)
+                    ):
+                        batch.append(piece)
+                        continue
+                elif isinstance(event, BytesMessage):
+                    piece = bytes(event.data)  # the same object when it is bytes already
+                else:
+                    # Whatever comes next (a close above all) is reported after the messages
+                    # before it: order is kept.
+                    await self._report_messages(batch)
+                    if isinstance(event, Ping):
+                        # After our close went out (a rotation: the server may ping before
+                        # it echoes), a Pong is forbidden: wsproto would raise.
+                        if ws.state is ConnectionState.OPEN:
+                            self._send_control(event.response())
+                    elif isinstance(event, CloseConnection):
+                        if ws.state is ConnectionState.REMOTE_CLOSING:
+                            self._send_control(event.response())
+                        elif ws.state is ConnectionState.OPEN:
+                            # A framing or UTF-8 error found by wsproto: we must send the
+                            # close ourselves.
+                            self._send_control(CloseConnection(code=event.code))
+                        if event.code == 1006:
+                            self._report_closed(None, lost)
+                        else:
+                            self._report_closed(event.code, event.reason or "")
                         return
-                    if event.message_finished:
-                        batch.append("".join(pieces) if len(pieces) > 1 else pieces[0])
+                    continue  # a Pong: nothing to do
+                # A fragment, a message near the cap, or one being dropped.
+                if exact or dropping:
+                    size += _utf8_size(piece)
+                else:
+                    n = len(piece)
+                    size += 4 * n if isinstance(piece, str) and not piece.isascii() else n
+                    if size > cap:
+                        size = sum(map(_utf8_size, pieces)) + _utf8_size(piece)
+                        exact = True
+                if not dropping:
+                    if size > cap:
+                        dropping = True
                         pieces.clear()
-                        size = 0
-                    continue
-                # Whatever comes next (a close above all) is reported after the messages
-                # before it: order is kept.
-                await self._report_messages(batch)
-                if isinstance(event, Ping):
-                    self._queue_raw(ws.send(event.response()))
-                elif isinstance(event, CloseConnection):
-                    if ws.state is ConnectionState.REMOTE_CLOSING:
-                        self._queue_raw(ws.send(event.response()))
-                    elif ws.state is ConnectionState.OPEN:
-                        # A framing or UTF-8 error found by wsproto: we must send the close.
-                        self._queue_raw(ws.send(CloseConnection(code=event.code)))
-                    code = None if event.code == 1006 else event.code
-                    self._report_closed(code, event.reason or "")
-                    return
-                # BytesMessage and Pong: nothing to do (QQ sends text only).
+                    else:
+                        pieces.append(piece)
+                if event.message_finished:
+                    if dropping:
+                        await self._report_messages(batch)
+                        await self._report(TransportOversized(self.ident, size))
+                    elif isinstance(piece, str):
+                        batch.append("".join(cast("list[str]", pieces)))
+                    else:
+                        batch.append(b"".join(cast("list[bytes]", pieces)))
+                    pieces.clear()
+                    size, exact, dropping = 0, False, False
             await self._report_messages(batch)
             if data is None:
-                self._report_closed(None, "connection lost (EOF)")
+                self._report_closed(None, lost)
                 return
             try:
                 data = await stream.receive(_READ_SIZE)
-            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            except anyio.EndOfStream:
                 data = None
+            except (anyio.BrokenResourceError, OSError) as exc:
+                data = None
+                lost = f"connection lost ({_describe(exc)})"
             ws.receive_data(data)
+
+    def _send_control(self, event: Event) -> None:
+        # Callers check the state first; this is the last guard against a frame the state
+        # forbids, which must never raise out of the reader.
+        try:
+            data = self._ws.send(event)
+        except LocalProtocolError:
+            return
+        self._queue_raw(data)
 
     def _queue_raw(self, data: bytes) -> None:
         try:

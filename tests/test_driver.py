@@ -415,7 +415,7 @@ def test_cli_run_against_the_embedded_fake_gateway_prints_json_events():
     # The embedded fake's Hello interval is 5 s and the first beat is jittered over it, so
     # only a run longer than 5 s is sure to show a heartbeat ACK: `--seconds 3` shows one
     # in about 60 % of runs.
-    argv = ["run", "--seconds", "7", "--log-format", "json"]
+    argv = ["run", "--fake", "--seconds", "7", "--log-format", "json"]
     code = f"import sys; from qqproto_io._cli import main; sys.exit(main({argv!r}))"
     proc = subprocess.run(  # noqa: S603 - our own interpreter and module
         [sys.executable, "-c", code],
@@ -439,17 +439,20 @@ def test_cli_run_against_the_embedded_fake_gateway_prints_json_events():
 
 
 def test_cli_liveness_budget_reaches_the_session_config(monkeypatch, capsys):
-    args = _cli._parser().parse_args(["run", "--liveness-budget", "42"])
+    args = _cli._parse(["run", "--fake", "--liveness-budget", "42"])
     assert _cli._session_config(args)[0].liveness_budget == 42.0
     monkeypatch.setenv("QQBOT_LIVENESS_BUDGET", "90")
-    args = _cli._parser().parse_args(["run"])
+    args = _cli._parse(["run", "--fake"])
     assert _cli._session_config(args)[0].liveness_budget == 90.0
-    assert _cli.main(["run", "--liveness-budget", "-1"]) == _cli.EXIT_USAGE
-    assert "liveness_budget must be a finite number >= 0" in capsys.readouterr().err
+    assert _cli.main(["run", "--fake", "--liveness-budget", "-1"]) == _cli.EXIT_USAGE
+    assert capsys.readouterr().err == (
+        "qqproto: --liveness-budget -1: must be a number of seconds above 0\n"
+    )
     monkeypatch.setenv("QQBOT_LIVENESS_BUDGET", "soon")
-    with pytest.raises(SystemExit) as usage:
-        _cli._parser().parse_args(["run"])
-    assert usage.value.code == _cli.EXIT_USAGE
+    assert _cli.main(["run", "--fake"]) == _cli.EXIT_USAGE
+    assert capsys.readouterr().err == (
+        "qqproto: QQBOT_LIVENESS_BUDGET=soon: must be a number of seconds\n"
+    )
 
 
 def test_cli_fake_gateway_rejects_an_unknown_fault(capsys):
@@ -613,7 +616,9 @@ async def test_open_stream_reports_a_refused_connect():
 # -------------------------------------------------------------------- transport bounds
 
 
-async def test_oversized_message_closes_1009_and_resumes():
+async def test_oversized_message_is_dropped_and_the_session_goes_on():
+    # Closing with 1009 (the old behaviour) lost the session: the server replays the same
+    # message on every Resume. The transport drops it unread and the core reports it.
     limit = 64 * 1024
     config = fast_config(max_payload_size=limit)
     with anyio.fail_after(BOUND):
@@ -621,26 +626,25 @@ async def test_oversized_message_closes_1009_and_resumes():
             FakeGatewayServer(gateway_config()) as server,
             running(server, config) as (client, rec),
         ):
-            ready = rec.events[await rec.next(Ready)]
+            await rec.next(Ready)
             conn = server.gateway.live[0]
             # Exactly at the limit: delivered to the core, which rejects it as not JSON.
             conn.outputs.append(ServerSend("x" * limit))
             server._flush_all()
             violation = rec.events[await rec.next(ProtocolViolation)]
-            assert violation.kind
-            assert not rec.of(Disconnected)
-            # One character more: the transport closes with 1009 and the session resumes.
+            assert violation.kind == "malformed_json"
+            # One character more: dropped by the transport, a violation of its own.
+            start = len(rec.events)
             conn.outputs.append(ServerSend("x" * (limit + 1)))
             server._flush_all()
-            d = await rec.next(Disconnected)
-            gone = rec.events[d]
-            assert gone.code == 1009
-            assert gone.next_step is NextStep.RESUME
-            await rec.next(Resumed, d)
-            conns = server.gateway.connections
-            assert len(conns) == 2
-            assert conns[0].closed
-            assert conns[1].received[0][2]["session_id"] == ready.session_id
+            too_big = rec.events[await rec.next(ProtocolViolation, start)]
+            assert too_big.kind == "too_large"
+            assert too_big.error.size == limit + 1
+            # The same connection carries on.
+            server.message(1)
+            await rec.next(Dispatch, start)
+            assert not rec.of(Disconnected)
+            assert len(server.gateway.connections) == 1
             assert client.state is SessionState.READY
 
 
