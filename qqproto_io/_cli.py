@@ -19,15 +19,17 @@ import functools
 import logging
 import os
 import signal
+import sqlite3
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import anyio
 
-from qqproto import FatalStop, Intents, SessionConfig, __version__
+from qqproto import FatalStop, SessionConfig, __version__
 from qqproto_io._http import DEFAULT_API_BASE, DEFAULT_TOKEN_URL, SANDBOX_API_BASE
 from qqproto_io._logging import ROOT_LOGGER, EventLogger, configure_logging
-from qqproto_io._shards import ShardPlan
+from qqproto_io._options import OPTIONS, UsageError, add_options, resolve
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -36,9 +38,12 @@ if TYPE_CHECKING:
     from qqproto import Event, Health
     from qqproto.testing import SimClient
     from qqproto_io._client import GatewayClient
-    from qqproto_io._stores import IdentifyLimiter, SnapshotStore
+    from qqproto_io._shards import ShardPlan
+    from qqproto_io._stores import IdentifyLimiter, SnapshotStore, SqliteSnapshotStore
 
 __all__ = ["EXIT_CONFIG", "EXIT_FATAL", "EXIT_OK", "EXIT_USAGE", "main"]
+
+_E = TypeVar("_E", bound=BaseException)
 
 EXIT_OK = 0
 """The session was stopped by the user (SIGINT/SIGTERM) or the demo ended."""
@@ -50,136 +55,71 @@ EXIT_CONFIG = 4
 """A fatal close that points at the configuration or a bug: 4001/4002/4010-4014."""
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    value = os.environ.get(name)
-    return value or default
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line on stderr and exit code 2, never the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"qqproto: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_USAGE)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="qqproto", description="Keep QQ Bot gateway sessions alive."
-    )
+    parser = _Parser(prog="qqproto", description="Keep QQ Bot gateway sessions alive.")
     parser.add_argument("--version", action="version", version=f"qqproto {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    output = argparse.ArgumentParser(add_help=False)
-    output.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        default=_env("QQBOT_LOG_FORMAT", "text"),
-        help="text lines, or one JSON object per event (env QQBOT_LOG_FORMAT)",
-    )
-    output.add_argument(
-        "--verbose", "-v", action="store_true", help="also show state changes and duplicates"
-    )
-
-    run = commands.add_parser(
-        "run",
-        parents=[output],
-        help="keep a gateway session alive (no credentials: against the embedded fake gateway)",
-    )
-    run.add_argument("--app-id", default=_env("QQBOT_APP_ID"), help="env QQBOT_APP_ID")
-    run.add_argument(
-        "--client-secret",
-        default=_env("QQBOT_CLIENT_SECRET"),
-        help="env QQBOT_CLIENT_SECRET (prefer the environment: flags show in `ps`)",
-    )
-    run.add_argument(
-        "--api-base", default=_env("QQBOT_API_BASE"), help="REST base (env QQBOT_API_BASE)"
-    )
-    run.add_argument(
-        "--token-url",
-        default=_env("QQBOT_TOKEN_URL", DEFAULT_TOKEN_URL),
-        help="token endpoint (env QQBOT_TOKEN_URL)",
-    )
-    run.add_argument(
-        "--sandbox",
-        action="store_true",
-        default=_env("QQBOT_SANDBOX", "") not in ("", "0", "false"),
-        help="use the sandbox REST base (env QQBOT_SANDBOX=1)",
-    )
-    run.add_argument(
-        "--intents",
-        default=_env("QQBOT_INTENTS", "DEFAULT"),
-        help="names joined by | or , (GUILDS|GROUP_AND_C2C_EVENT) or an int (env QQBOT_INTENTS)",
-    )
-    run.add_argument(
-        "--shard", default=_env("QQBOT_SHARD", "0,1"), help="ID,COUNT (env QQBOT_SHARD)"
-    )
-    run.add_argument(
-        "--shards",
-        default=_env("QQBOT_SHARDS"),
-        help="the shards this process runs, overriding --shard: auto (the count /gateway/bot "
-        "recommends), N, I/N, A-B/N or I,J/N (env QQBOT_SHARDS)",
-    )
-    run.add_argument(
-        "--redis-url",
-        default=_env("QQBOT_REDIS_URL"),
-        help="share identify permits and session snapshots with other processes through "
-        "Redis, e.g. redis://localhost:6379/0 (env QQBOT_REDIS_URL; replaces --snapshot)",
-    )
-    run.add_argument(
-        "--proxy",
-        default=_env("QQBOT_PROXY"),
-        help="http:// CONNECT proxy (env QQBOT_PROXY; default HTTPS_PROXY/ALL_PROXY)",
-    )
-    run.add_argument(
-        "--snapshot",
-        default=_env("QQBOT_SNAPSHOT"),
-        help="SQLite file to resume the sessions from after a restart (env QQBOT_SNAPSHOT)",
-    )
-    run.add_argument(
-        "--liveness-budget",
-        type=float,
-        default=_env("QQBOT_LIVENESS_BUDGET", "300"),  # argparse applies `type` to it
-        metavar="SECONDS",
-        help="how long a shard may reconnect before the systemd watchdog and /readyz give "
-        "up on it (env QQBOT_LIVENESS_BUDGET; default 300)",
-    )
-    run.add_argument(
-        "--health-port",
-        type=int,
-        default=None,
-        help="serve /healthz, /readyz and /metrics on 127.0.0.1:PORT (default: off)",
-    )
-    run.add_argument(
-        "--seconds",
-        type=float,
-        default=None,
-        help="stop after this many seconds (default: run until SIGINT/SIGTERM)",
-    )
-
-    simulate = commands.add_parser(
-        "simulate",
-        parents=[output],
-        help="play a session against the fake gateway on a virtual clock (instant)",
-    )
-    simulate.add_argument("--minutes", type=float, default=16.0, help="virtual minutes")
-    simulate.add_argument("--seed", type=int, default=1, help="the simulation seed")
-
-    fake = commands.add_parser("fake-gateway", help="serve the fake gateway on loopback")
-    fake.add_argument("--port", type=int, default=0, help="TCP port (default: any free one)")
-    fake.add_argument("--hello-interval", type=float, default=41.25, help="seconds")
-    fake.add_argument("--rotate-every", type=float, default=None, help="op 7 every N seconds")
-    fake.add_argument("--message-every", type=float, default=5.0, help="a message every N s")
-    fake.add_argument(
-        "--fault",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="a Faults switch to turn on (no_ack, silent, ignore_close, ...); repeatable",
-    )
-    fake.add_argument("--seed", type=int, default=0)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    helps = {
+        "run": "keep the bot's gateway sessions alive (needs QQBOT_APP_ID and "
+        "QQBOT_CLIENT_SECRET, or --fake)",
+        "demo": "a live session against the embedded fake gateway on loopback (run --fake)",
+        "simulate": "play a session against the fake gateway on a virtual clock (instant)",
+        "fake-gateway": "serve the fake gateway on loopback for other clients",
+    }
+    for name, options in OPTIONS.items():
+        sub = commands.add_parser(name, help=helps[name], description=helps[name])
+        add_options(sub, options)
+        if name == "fake-gateway":
+            sub.add_argument(
+                "--fault",
+                action="append",
+                default=[],
+                metavar="NAME",
+                help="a Faults switch to turn on (no_ack, silent, ignore_close, ...); repeatable",
+            )
     return parser
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, every option checked (UsageError: the one line to print)."""
+    args = _parser().parse_args(argv)
+    resolve(args, OPTIONS[args.command])
+    if args.command == "demo":
+        args.command, args.fake = "run", True
+    if args.command == "run" and not args.fake:
+        missing = [
+            name
+            for name, value in (
+                ("QQBOT_APP_ID (or --app-id)", args.app_id),
+                ("QQBOT_CLIENT_SECRET (or --client-secret)", args.client_secret),
+            )
+            if not value
+        ]
+        if len(missing) == 2:
+            raise UsageError(
+                "no credentials: set QQBOT_APP_ID and QQBOT_CLIENT_SECRET for the bot's "
+                "gateway, or use --fake (qqproto demo) for the embedded fake gateway"
+            )
+        if missing:
+            raise UsageError(f"{missing[0]} is missing: the app id and the secret go together")
+    return args
 
 
 class _Console:
     """Where the CLI writes: its events through logging (schema: docs/cli.md), and prose."""
 
-    def __init__(self, out: TextIO, log_format: str, *, verbose: bool) -> None:
+    def __init__(self, out: TextIO, log_format: str, *, verbose: bool, life_signs: bool) -> None:
         self.out = out
         self.json = log_format == "json"
-        self.handler = configure_logging(out, log_format, verbose=verbose)
+        self.handler = configure_logging(out, log_format, verbose=verbose, life_signs=life_signs)
 
     def say(self, text: str) -> None:
         """A sentence for a human; JSON output stays pure JSON."""
@@ -196,14 +136,11 @@ class _Console:
 
 
 def _session_config(args: argparse.Namespace) -> tuple[SessionConfig, ShardPlan | None]:
-    """The session settings and shard plan the flags ask for (ValueError: a usage error)."""
-    shard_id, _, count = str(args.shard).partition(",")
+    """The session settings and shard plan the (checked) options ask for."""
     config = SessionConfig(
-        intents=Intents.parse(str(args.intents)),
-        shard=(int(shard_id), int(count or 1)),
-        liveness_budget=args.liveness_budget,
+        intents=args.intents, shard=args.shard, liveness_budget=args.liveness_budget
     )
-    return config, ShardPlan.parse(args.shards) if args.shards else None
+    return config, args.shards
 
 
 def _exit_code(fatal: FatalStop | None) -> int:
@@ -220,7 +157,9 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     from qqproto_io._systemd import SystemdNotifier, run_systemd  # noqa: PLC0415
 
     config, plan = _session_config(args)
-    console = _Console(out, args.log_format, verbose=args.verbose)
+    _check_proxy_environment(args.proxy)
+    # Against the fake, the life signs (dispatches, ACKs) are what there is to see.
+    console = _Console(out, args.log_format, verbose=args.verbose, life_signs=args.fake)
     # Under systemd (Type=notify): READY=1, STATUS=, WATCHDOG=1 only while every shard is live.
     notifier = SystemdNotifier.from_env()
     metrics = None
@@ -229,12 +168,22 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
 
         metrics = Metrics()
     fatal: FatalStop | None = None
+    stall = StallMonitor()  # a WARNING with the blocking stack when the event loop is held
+
+    def healths(client: GatewayClient) -> dict[int, Health]:
+        now = anyio.current_time()
+        return {shard_id: conn.health(now) for shard_id, conn in client.connections.items()}
 
     async def session(app_id: str, secret: str, api_base: str, token_url: str) -> None:
+        nonlocal fatal
         async with contextlib.AsyncExitStack() as stack:
+            # Everything an option names is opened first, so that a bad one is one line
+            # naming it, before any connection.
             store, limiter = None, None
             if args.redis_url:
                 store, limiter = await _redis_fleet(stack, args.redis_url, app_id)
+            elif args.snapshot:
+                store = stack.enter_context(_open_snapshot_store(args.snapshot))
             client = GatewayClient(
                 app_id=app_id,
                 client_secret=secret,
@@ -243,36 +192,25 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
                 api_base=api_base,
                 token_url=token_url,
                 proxy=args.proxy,
-                snapshot_path=args.snapshot,
                 store=store,
                 limiter=limiter,
                 metrics=metrics,
             )
-            await shards(client)
-
-    def healths(client: GatewayClient) -> dict[int, Health]:
-        now = anyio.current_time()
-        return {shard_id: conn.health(now) for shard_id, conn in client.connections.items()}
-
-    async def shards(client: GatewayClient) -> None:
-        nonlocal fatal
-        async with anyio.create_task_group() as tg, client:
-            # A WARNING with the blocking stack when something holds the event loop.
-            stall = StallMonitor()
-            tg.start_soon(stall.run, name="qqproto stall monitor")
             if metrics is not None:
                 from qqproto_io._health import HealthServer  # noqa: PLC0415
 
-                async def serve_health() -> None:
-                    async with HealthServer(
-                        lambda: healths(client),
-                        metrics,
-                        stall=stall,
-                        port=args.health_port,
-                    ):
-                        await anyio.sleep_forever()
-
-                tg.start_soon(serve_health, name="qqproto health")
+                server = HealthServer(
+                    lambda: healths(client), metrics, stall=stall, port=args.health_port
+                )
+                try:
+                    await stack.enter_async_context(server)
+                except OSError as exc:
+                    raise UsageError(
+                        f"--health-port {args.health_port}: cannot listen ({exc.strerror})"
+                    ) from None
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            await stack.enter_async_context(client)
+            tg.start_soon(stall.run, name="qqproto stall monitor")
             if notifier is not None:
                 tg.start_soon(
                     functools.partial(
@@ -318,28 +256,54 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     return _exit_code(fatal)
 
 
+def _check_proxy_environment(proxy: str | None) -> None:
+    """A proxy from HTTPS_PROXY/ALL_PROXY is an option too: a bad one is a usage error."""
+    if proxy is not None:
+        return
+    from qqproto_io._proxy import proxy_from_env  # noqa: PLC0415
+
+    try:
+        proxy_from_env()
+    except ValueError as exc:
+        names = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+        name = next((n for n in names if os.environ.get(n)), "the proxy variable")
+        raise UsageError(f"{name}={os.environ.get(name, '')}: {exc}") from None
+
+
+def _open_snapshot_store(path: str) -> SqliteSnapshotStore:
+    from qqproto_io._stores import SqliteSnapshotStore  # noqa: PLC0415
+
+    try:
+        return SqliteSnapshotStore(path)
+    except (OSError, sqlite3.Error) as exc:
+        raise UsageError(f"--snapshot {path}: cannot open it ({exc})") from None
+
+
 async def _run_session(
     args: argparse.Namespace,
     console: _Console,
     session: Callable[[str, str, str, str], Awaitable[None]],
 ) -> None:
-    """Run ``session`` against the real gateway, or the embedded fake without credentials."""
-    if args.app_id and args.client_secret:
+    """Run ``session`` against the real gateway, or the embedded fake with ``--fake``."""
+    if not args.fake:
         api_base = args.api_base or (SANDBOX_API_BASE if args.sandbox else DEFAULT_API_BASE)
-        await session(args.app_id, args.client_secret, api_base, args.token_url)
-    else:
-        console.say(
-            "qqproto: no QQBOT_APP_ID/QQBOT_CLIENT_SECRET, so this session runs against the "
-            "embedded fake gateway on loopback (a message every 5 s, a rotation every 60 s).\n"
-            "Stop with Ctrl-C. Set the two variables to connect to the real QQ gateway.\n"
+        await session(
+            args.app_id, args.client_secret, api_base, args.token_url or DEFAULT_TOKEN_URL
         )
-        from qqproto.testing import FakeGatewayConfig  # noqa: PLC0415
-        from qqproto_io._fake_server import FakeGatewayServer  # noqa: PLC0415
+        return
+    console.say(
+        "qqproto: --fake: this session runs against the embedded fake gateway on loopback "
+        "(a message every 5 s, a rotation every 60 s), not QQ.\n"
+        "Stop with Ctrl-C. Without --fake, with QQBOT_APP_ID and QQBOT_CLIENT_SECRET set, "
+        "it connects to the real QQ gateway.\n"
+    )
+    from qqproto.testing import FakeGatewayConfig  # noqa: PLC0415
+    from qqproto_io._fake_server import FakeGatewayServer  # noqa: PLC0415
 
-        gateway = FakeGatewayConfig(hello_interval_ms=5_000, rotate_every=60.0)
-        async with FakeGatewayServer(gateway, message_interval=5.0) as server:
-            cfg = server.gateway.config
-            await session(cfg.app_id, cfg.client_secret, server.http_base, server.token_url)
+    gateway = FakeGatewayConfig(hello_interval_ms=5_000, rotate_every=60.0)
+    async with FakeGatewayServer(gateway, message_interval=5.0) as server:
+        cfg = server.gateway.config
+        await session(cfg.app_id, cfg.client_secret, server.http_base, server.token_url)
 
 
 async def _redis_fleet(
@@ -347,14 +311,28 @@ async def _redis_fleet(
 ) -> tuple[SnapshotStore, IdentifyLimiter]:
     """The snapshot store and identify limiter of a fleet sharing one Redis (asyncio only)."""
     from redis.asyncio import Redis  # noqa: PLC0415 - only with --redis-url
+    from redis.exceptions import RedisError  # noqa: PLC0415
 
     from qqproto_io._redis import RedisIdentifyLimiter, RedisSnapshotStore  # noqa: PLC0415
 
-    redis = Redis.from_url(url)
+    redis = Redis.from_url(url, socket_connect_timeout=5.0, socket_timeout=5.0)
     stack.push_async_callback(redis.aclose)
+    try:
+        await redis.ping()
+    except (RedisError, OSError) as exc:
+        raise UsageError(f"--redis-url {_without_password(url)}: no answer ({exc})") from None
     prefix = f"qqproto:{app_id}"  # one namespace per bot: fleets of two bots never collide
     store = await stack.enter_async_context(RedisSnapshotStore(redis, prefix=prefix))
     return store, RedisIdentifyLimiter(redis, prefix=prefix)
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
 
 
 # -------------------------------------------------------------------------- simulate
@@ -402,21 +380,29 @@ async def _serve_fake(args: argparse.Namespace, out: TextIO) -> int:
     config = FakeGatewayConfig(
         hello_interval_ms=round(args.hello_interval * 1000), rotate_every=args.rotate_every
     )
-    async with FakeGatewayServer(
+    fake = FakeGatewayServer(
         config, seed=args.seed, port=args.port, message_interval=args.message_every
-    ) as server:
+    )
+    try:
+        await fake.__aenter__()
+    except OSError as exc:
+        raise UsageError(f"--port {args.port}: cannot listen ({exc.strerror})") from None
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_exit(fake)
+        server = fake
         for name in args.fault:
             if not hasattr(server.gateway.faults, name):
                 sys.stderr.write(f"qqproto: unknown fault {name!r}\n")
                 return EXIT_USAGE
             setattr(server.gateway.faults, name, True)
+        # Lines a shell takes as they are: `eval "$(qqproto fake-gateway | head -5)"`.
         out.write(
-            f"fake QQ gateway on loopback\n"
-            f"  QQBOT_API_BASE={server.http_base}\n"
-            f"  QQBOT_TOKEN_URL={server.token_url}\n"
-            f"  QQBOT_APP_ID={config.app_id}\n"
-            f"  QQBOT_CLIENT_SECRET={config.client_secret}   (a fake; not a secret)\n"
-            f"  gateway: {server.ws_url}\n"
+            f"export QQBOT_API_BASE={server.http_base}\n"
+            f"export QQBOT_TOKEN_URL={server.token_url}\n"
+            f"export QQBOT_APP_ID={config.app_id}\n"
+            f"export QQBOT_CLIENT_SECRET={config.client_secret}\n"
+            f"# the fake QQ gateway on loopback (the secret above is a fake); its WebSocket is "
+            f"{server.ws_url}\n"
         )
         out.flush()
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -429,30 +415,49 @@ async def _serve_fake(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``qqproto`` console script."""
-    args = _parser().parse_args(argv)
+    """Entry point of the ``qqproto`` console script.
+
+    Returns the exit code (docs/cli.md): a mistake in the options, or a resource an option
+    names that cannot be used (a port in use, a Redis that does not answer), is one line on
+    stderr and :data:`EXIT_USAGE`; Ctrl-C at any moment is a clean stop.
+    """
     out = sys.stdout
     try:
+        args = _parse(argv)
         if args.command == "simulate":
-            console = _Console(out, args.log_format, verbose=args.verbose)
+            console = _Console(out, args.log_format, verbose=args.verbose, life_signs=True)
             try:
                 return run_simulation(args.minutes, args.seed, console)
             finally:
                 console.close()
         if args.command == "fake-gateway":
             return anyio.run(_serve_fake, args, out)
-        try:
-            _session_config(args)
-        except ValueError as exc:
-            sys.stderr.write(f"qqproto: {exc}\n")
-            return EXIT_USAGE
         return anyio.run(_run, args, out)
     except BrokenPipeError:
         # `qqproto run | head`: the reader left. Silence the flush at exit, too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-    except KeyboardInterrupt:
-        return EXIT_OK
+    except BaseException as exc:
+        usage = _find(exc, UsageError)
+        if usage is not None:
+            sys.stderr.write(f"qqproto: {usage}\n")
+            return EXIT_USAGE
+        if _find(exc, KeyboardInterrupt) is not None:
+            sys.stderr.write("qqproto: interrupted\n")
+            return EXIT_OK
+        raise
+
+
+def _find(exc: BaseException, kind: type[_E]) -> _E | None:
+    """``exc`` if it is a ``kind``, or the first ``kind`` inside (nested) exception groups."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find(inner, kind)
+            if found is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":

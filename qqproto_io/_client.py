@@ -267,7 +267,7 @@ class GatewayClient:
             self._driver_scopes.append(scope)
             try:
                 await driver.run()
-            except Exception as exc:  # noqa: BLE001 - raised again from __aexit__
+            except Exception as exc:
                 # A bug (the core's ERROR state): stop every shard and tell the caller.
                 log.exception("shard %s failed", driver.conn.config.shard[0])
                 if self._failure is None:

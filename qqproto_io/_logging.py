@@ -87,7 +87,7 @@ class _Formatter(logging.Formatter):
         # here is the record's time to well under a millisecond, and never runs backwards.
         self.start = time.monotonic()
 
-    def _t(self, record: logging.LogRecord, fields: dict[str, object]) -> float:
+    def _t(self, fields: dict[str, object]) -> float:
         t = fields.get("t")
         return float(t) if isinstance(t, int | float) else time.monotonic() - self.start
 
@@ -99,9 +99,7 @@ class TextFormatter(_Formatter):
         """One line (plus the traceback, if any)."""
         fields: dict[str, object] = getattr(record, "qqproto", {})
         shard = f"shard {fields['shard']}: " if "shard" in fields else ""
-        line = (
-            f"[{self._t(record, fields):9.3f}s] {record.levelname:<7} {shard}{record.getMessage()}"
-        )
+        line = f"[{self._t(fields):9.3f}s] {record.levelname:<7} {shard}{record.getMessage()}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -116,7 +114,7 @@ class JsonFormatter(_Formatter):
     def format(self, record: logging.LogRecord) -> str:
         """The record as one line of JSON (schema: docs/cli.md)."""
         fields: dict[str, object] = getattr(record, "qqproto", {})
-        out: dict[str, object] = {"t": round(self._t(record, fields), 3)}
+        out: dict[str, object] = {"t": round(self._t(fields), 3)}
         if fields:
             out["event"] = fields["event"]
             out["level"] = record.levelname
@@ -130,15 +128,18 @@ class JsonFormatter(_Formatter):
 
 
 class _ConsoleFilter(logging.Filter):
-    """DEBUG records only for the life signs, unless verbose."""
+    """INFO and above; DEBUG too when verbose, or only the life signs when asked for."""
 
-    def __init__(self, *, verbose: bool) -> None:
+    def __init__(self, *, verbose: bool, life_signs: bool) -> None:
         super().__init__()
         self.verbose = verbose
+        self.life_signs = life_signs
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.verbose or record.levelno >= logging.INFO:
             return True
+        if not self.life_signs:
+            return False
         fields = getattr(record, "qqproto", None)
         return fields is not None and fields.get("event") in ALWAYS_SHOWN
 
@@ -157,17 +158,20 @@ class _ConsoleHandler(logging.StreamHandler[TextIO]):
         super().handleError(record)
 
 
-def configure_logging(out: TextIO, log_format: str, *, verbose: bool = False) -> logging.Handler:
+def configure_logging(
+    out: TextIO, log_format: str, *, verbose: bool = False, life_signs: bool = False
+) -> logging.Handler:
     """Send ``qqproto_io`` records to ``out`` in ``text`` or ``json`` format; return the handler.
 
     The CLI's setup: the ``qqproto_io`` logger at DEBUG, with a filter that passes INFO and
-    above plus dispatches and ACKs (everything with ``verbose``). Other loggers are left
-    alone. Call the returned handler's ``close()`` and remove it to undo.
+    above, plus dispatches and heartbeat ACKs with ``life_signs`` (a demo), plus everything
+    with ``verbose``. Other loggers are left alone. Call the returned handler's ``close()``
+    and remove it to undo.
     """
     handler = _ConsoleHandler(out)
     formatter = JsonFormatter if log_format == "json" else TextFormatter
     handler.setFormatter(formatter())
-    handler.addFilter(_ConsoleFilter(verbose=verbose))
+    handler.addFilter(_ConsoleFilter(verbose=verbose, life_signs=life_signs))
     root = logging.getLogger(ROOT_LOGGER)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
