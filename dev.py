@@ -2,11 +2,13 @@
 """The project's two commands: ``python3 dev.py run`` and ``python3 dev.py test``.
 
 Each does its own set-up: it creates ``.venv`` beside this file with the standard library's
-``venv`` and installs the project with its ``dev`` extra, then runs. The install is redone
-only when ``pyproject.toml`` changes (a hash stamp in the venv), so the second call is fast.
-Only Python >= 3.11 and network access to the package index are needed.
+``venv`` and installs the project, then runs: ``run`` with only what running needs (the
+``io`` extra), ``test`` and ``diagram`` with the development toolchain (the ``dev`` extra,
+which includes ``io``). The install is redone only when ``pyproject.toml`` changes or a
+larger extra is needed (a stamp in the venv), so the second call is fast. Only Python >=
+3.11 and network access to the package index are needed.
 
-    python3 dev.py run [ARGS...]   # the main job: ``qqproto run`` (see README.md)
+    python3 dev.py run [ARGS...]   # the main job: ``qqproto run ARGS`` (see README.md)
     python3 dev.py test            # ruff check, ruff format --check, mypy --strict, pytest
     python3 dev.py diagram         # regenerate state_diagram.md from the running machine
 """
@@ -36,24 +38,33 @@ TEST_STEPS: list[tuple[str, list[str]]] = [
 ]
 
 
-def _want_stamp() -> str:
-    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+# Each extra with the extras it includes: a venv with "dev" needs nothing more for "io".
+EXTRAS = {"io": {"io"}, "dev": {"io", "dev"}}
 
 
-def ensure_env() -> None:
-    """Create the venv and install the project unless the stamp says it is current."""
+def _want_stamp(extra: str) -> str:
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    return f"{digest} {extra}"
+
+
+def ensure_env(extra: str) -> None:
+    """Create the venv and install the project with ``extra`` unless the stamp says it is
+    there already (the same ``pyproject.toml``, and that extra or one including it)."""
     if sys.version_info < (3, 11):  # noqa: UP036 - dev.py may be started by any python3
         sys.exit(f"qqproto needs Python >= 3.11; this is {sys.version.split()[0]}")
     if not PY.exists():
         print(f"dev.py: creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
-    if STAMP.exists() and STAMP.read_text() == _want_stamp():
-        return
-    print("dev.py: installing qqproto[dev] into .venv", flush=True)
+    if STAMP.exists():
+        digest, _, installed = STAMP.read_text().partition(" ")
+        current = _want_stamp(extra).partition(" ")[0]
+        if digest == current and extra in EXTRAS.get(installed, set()):
+            return
+    print(f"dev.py: installing qqproto[{extra}] into .venv", flush=True)
     pip = [str(PY), "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "install", "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "install", "-e", f"{ROOT}[dev]"], check=True, cwd=ROOT)
-    STAMP.write_text(_want_stamp())
+    subprocess.run([*pip, "install", "-e", f"{ROOT}[{extra}]"], check=True, cwd=ROOT)
+    STAMP.write_text(_want_stamp(extra))
 
 
 def ensure_redis_server() -> None:
@@ -166,8 +177,8 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"run", "test", "diagram"}:
         print(__doc__)
         return 2
-    ensure_env()
     command, rest = argv[0], argv[1:]
+    ensure_env("io" if command == "run" else "dev")
     if command == "test":
         return run_tests()
     if command == "diagram":
