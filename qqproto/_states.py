@@ -26,10 +26,18 @@
 
 from __future__ import annotations
 
+import logging
 from enum import Enum
 from typing import TYPE_CHECKING, Literal
 
 from transitions import Machine
+
+# pytransitions logs two INFO lines per state change; under `logging.basicConfig(level=INFO)`
+# they drown the application's own. The state changes are events here (StateChanged), so its
+# logger is quieted unless the application has set a level on it itself.
+_TRANSITIONS_LOG = logging.getLogger("transitions.core")
+if _TRANSITIONS_LOG.level == logging.NOTSET:
+    _TRANSITIONS_LOG.setLevel(logging.WARNING)
 
 if TYPE_CHECKING:
     from transitions.core import TransitionConfigDict

@@ -1,7 +1,8 @@
 """qqproto_io: the anyio driver for the qqproto core (asyncio and trio).
 
-`GatewayClient` is the application API; `ShardDriver` runs one core connection over real
-sockets; `FakeGatewayServer` serves `qqproto.testing`'s fake gateway on loopback.
+`GatewayClient` is the application API and `supervise` runs one as a service (signals,
+systemd, health); `ShardDriver` runs one core connection over real sockets;
+`FakeGatewayServer` serves `qqproto.testing`'s fake gateway on loopback.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
-    from qqproto_io._client import GatewayClient
+    from qqproto_io._client import FatalStopError, GatewayClient, Handler
     from qqproto_io._driver import ShardDriver
     from qqproto_io._fake_server import FakeGatewayServer
     from qqproto_io._health import HealthServer, Metrics
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
         SnapshotStore,
         SqliteSnapshotStore,
     )
+    from qqproto_io._supervise import supervise
     from qqproto_io._systemd import SystemdNotifier, run_systemd, watchdog_verdict
     from qqproto_io._transport import TransportLimits
 
@@ -48,7 +50,9 @@ __all__ = [
     "SANDBOX_API_BASE",
     "Credentials",
     "FakeGatewayServer",
+    "FatalStopError",
     "GatewayClient",
+    "Handler",
     "HealthServer",
     "HttpFailure",
     "IdentifyBudgetExhausted",
@@ -70,6 +74,7 @@ __all__ = [
     "TransportLimits",
     "proxy_from_env",
     "run_systemd",
+    "supervise",
     "watchdog_verdict",
 ]
 
@@ -79,6 +84,9 @@ __all__ = [
 # and nobody but a fleet loads redis (idle RSS is one of the benchmarks).
 _HOME = {
     "GatewayClient": "_client",
+    "FatalStopError": "_client",
+    "Handler": "_client",
+    "supervise": "_supervise",
     "ShardDriver": "_driver",
     "FakeGatewayServer": "_fake_server",
     "HealthServer": "_health",

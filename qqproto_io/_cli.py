@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
+import importlib
 import logging
 import os
 import signal
 import sqlite3
 import sys
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar, cast
 from urllib.parse import urlsplit
 
 import anyio
 
-from qqproto import FatalStop, SessionConfig, __version__
+from qqproto import SessionConfig, __version__
 from qqproto_io._http import DEFAULT_API_BASE, DEFAULT_TOKEN_URL, SANDBOX_API_BASE
 from qqproto_io._logging import ROOT_LOGGER, EventLogger, configure_logging
 from qqproto_io._options import OPTIONS, UsageError, add_options, resolve
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
     from typing import TextIO
 
-    from qqproto import Event, Health
+    from qqproto import Event
     from qqproto.testing import SimClient
     from qqproto_io._client import GatewayClient
     from qqproto_io._shards import ShardPlan
@@ -143,36 +143,18 @@ def _session_config(args: argparse.Namespace) -> tuple[SessionConfig, ShardPlan 
     return config, args.shards
 
 
-def _exit_code(fatal: FatalStop | None) -> int:
-    if fatal is None:
-        return EXIT_OK
-    return EXIT_FATAL if fatal.code in (4914, 4915) else EXIT_CONFIG
-
-
 async def _run(args: argparse.Namespace, out: TextIO) -> int:
     # Imported here, and the optional parts only when asked for: `--help` stays fast and an
     # idle session stays small (prometheus_client only with --health-port).
-    from qqproto_io._client import GatewayClient  # noqa: PLC0415
-    from qqproto_io._stall import StallMonitor  # noqa: PLC0415
-    from qqproto_io._systemd import SystemdNotifier, run_systemd  # noqa: PLC0415
+    from qqproto_io._client import FatalStopError, GatewayClient  # noqa: PLC0415
+    from qqproto_io._supervise import supervise  # noqa: PLC0415
 
     config, plan = _session_config(args)
     _check_proxy_environment(args.proxy)
+    register = _load_app(args.app) if args.app else None
     # Against the fake, the life signs (dispatches, ACKs) are what there is to see.
     console = _Console(out, args.log_format, verbose=args.verbose, life_signs=args.fake)
-    # Under systemd (Type=notify): READY=1, STATUS=, WATCHDOG=1 only while every shard is live.
-    notifier = SystemdNotifier.from_env()
-    metrics = None
-    if args.health_port is not None:
-        from qqproto_io._health import Metrics  # noqa: PLC0415
-
-        metrics = Metrics()
-    fatal: FatalStop | None = None
-    stall = StallMonitor()  # a WARNING with the blocking stack when the event loop is held
-
-    def healths(client: GatewayClient) -> dict[int, Health]:
-        now = anyio.current_time()
-        return {shard_id: conn.health(now) for shard_id, conn in client.connections.items()}
+    fatal: FatalStopError | None = None
 
     async def session(app_id: str, secret: str, api_base: str, token_url: str) -> None:
         nonlocal fatal
@@ -194,66 +176,43 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
                 proxy=args.proxy,
                 store=store,
                 limiter=limiter,
-                metrics=metrics,
             )
-            if metrics is not None:
-                from qqproto_io._health import HealthServer  # noqa: PLC0415
-
-                server = HealthServer(
-                    lambda: healths(client), metrics, stall=stall, port=args.health_port
-                )
-                try:
-                    await stack.enter_async_context(server)
-                except OSError as exc:
-                    raise UsageError(
-                        f"--health-port {args.health_port}: cannot listen ({exc.strerror})"
-                    ) from None
-            tg = await stack.enter_async_context(anyio.create_task_group())
-            await stack.enter_async_context(client)
-            tg.start_soon(stall.run, name="qqproto stall monitor")
-            if notifier is not None:
-                tg.start_soon(
-                    functools.partial(
-                        run_systemd,
-                        notifier,
-                        lambda: list(healths(client).values()),
-                        names=[f"shard {shard_id}" for shard_id in client.shard_ids],
-                    ),
-                    name="qqproto systemd",
-                )
-
-            async def stop_on_signal() -> None:
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for _ in signals:
-                        console.say("stopping: closing the session (it stays resumable)")
-                        if notifier is not None:
-                            notifier.stopping()
-                        await client.close()
-                        return
-
-            async def stop_after(seconds: float) -> None:
-                await anyio.sleep(seconds)
-                await client.close()
-
-            tg.start_soon(stop_on_signal)
-            if args.seconds is not None:
-                tg.start_soon(stop_after, args.seconds)
-            # The driver logs every event; the application's part here is to notice the end.
-            async for event in client:
-                if isinstance(event, FatalStop):
-                    fatal = event  # one shard stopped for good; the others go on
-            tg.cancel_scope.cancel()
+            if register is not None:
+                register(client)
+            try:
+                await supervise(client, health_port=args.health_port, stop_after=args.seconds)
+            except FatalStopError as exc:
+                fatal = exc
+            except OSError as exc:
+                if args.health_port is None or client.drivers:
+                    raise  # not the health port's: the client had started
+                raise UsageError(
+                    f"--health-port {args.health_port}: cannot listen ({exc.strerror})"
+                ) from None
 
     try:
         await _run_session(args, console, session)
     finally:
         console.close()
-        if notifier is not None:
-            notifier.close()
     if fatal is not None:
-        sys.stderr.write(f"qqproto: stopped by the gateway: {fatal.code} {fatal.reason}\n")
+        code = "" if fatal.code is None else f" {fatal.code}"
+        sys.stderr.write(f"qqproto: stopped by the gateway:{code} {fatal.reason}\n")
         sys.stderr.write(f"qqproto: {fatal.hint}\n")
-    return _exit_code(fatal)
+        return EXIT_FATAL if fatal.code in (4914, 4915) else EXIT_CONFIG
+    return EXIT_OK
+
+
+def _load_app(spec: str) -> Callable[[GatewayClient], object]:
+    """``module:function``: the function that registers a bot's handlers on the client."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - whatever the user's module raises, one line
+        raise UsageError(f"--app {spec}: cannot import {module_name} ({exc!r})") from None
+    register = getattr(module, attr, None)
+    if not callable(register):
+        raise UsageError(f"--app {spec}: {module_name} has no function {attr!r}")
+    return cast("Callable[[GatewayClient], object]", register)
 
 
 def _check_proxy_environment(proxy: str | None) -> None:

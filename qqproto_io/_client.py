@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from typing import TYPE_CHECKING, Self
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Self, TypeAlias, TypeVar, overload
 
 import anyio
 import anyio.lowlevel
@@ -26,6 +27,7 @@ from qqproto import (
     Dispatch,
     Event,
     EventsDropped,
+    FatalStop,
     GatewayConnection,
     SessionConfig,
     SessionState,
@@ -45,7 +47,7 @@ from qqproto_io._stores import LocalIdentifyLimiter, SqliteSnapshotStore
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import AsyncIterator
     from types import TracebackType
 
     from anyio.abc import TaskGroup
@@ -55,7 +57,40 @@ if TYPE_CHECKING:
     from qqproto_io._health import Metrics
     from qqproto_io._stores import IdentifyLimiter, SnapshotStore
 
-__all__ = ["GatewayClient"]
+__all__ = ["FatalStopError", "GatewayClient", "Handler"]
+
+_E = TypeVar("_E", bound=Event)
+Handler: TypeAlias = Callable[[_E], Awaitable[None]]
+"""An async function called with each event it was registered for."""
+
+
+class FatalStopError(Exception):
+    """A shard stopped for good: the gateway closed with a fatal code, or the credentials
+    were refused. Retrying with the same configuration cannot help.
+
+    Attributes:
+        shard_id: the shard that stopped.
+        code: the close code, or ``None`` (wrong credentials, for instance).
+        reason: what the code means.
+        hint: what to check or change.
+    """
+
+    def __init__(self, shard_id: int, fatal: FatalStop) -> None:
+        self.shard_id = shard_id
+        self.code = fatal.code
+        self.reason = fatal.reason
+        self.hint = fatal.hint
+        code = "" if fatal.code is None else f" {fatal.code}"
+        super().__init__(
+            f"shard {shard_id} stopped by the gateway:{code} {fatal.reason}. {fatal.hint}"
+        )
+
+
+def _describe(event: Event) -> str:
+    if type(event) is Dispatch:
+        return f"{event.type} (seq {event.seq}, event id {event.event_id})"
+    return type(event).__name__
+
 
 log = logging.getLogger("qqproto_io")
 
@@ -132,7 +167,10 @@ class GatewayClient:
         self._max_queued_events = max_queued_events
         self.dropped_events = 0
         self.metrics = metrics
-        self._handlers: dict[str, list[Callable[[Dispatch], Awaitable[None]]]] = {}
+        self._handlers: dict[str, list[Handler[Any]]] = {}
+        self._event_handlers: dict[type[Event], list[Handler[Any]]] = {}
+        self._inline_handlers = False  # run() takes the events itself
+        self._fatal_shard = 0
         self._tg: TaskGroup | None = None
         self.drivers: dict[int, ShardDriver] = {}
         # Each driver runs shielded in a scope of its own: a cancelled caller gets a bounded,
@@ -192,7 +230,7 @@ class GatewayClient:
         self._running = len(self.drivers)
         for shard_id, driver in self.drivers.items():
             self._tg.start_soon(self._run_driver, driver, name=f"qqproto shard {shard_id}")
-        if self._handlers:
+        if (self._handlers or self._event_handlers) and not self._inline_handlers:
             self._tg.start_soon(self._run_handlers, name="qqproto handlers")
         return self
 
@@ -381,32 +419,88 @@ class GatewayClient:
         """Iterate ``(shard_id, event)`` pairs: the same queue as iterating the client."""
         return self._pairs
 
-    def on(
-        self, event_type: str
-    ) -> Callable[[Callable[[Dispatch], Awaitable[None]]], Callable[[Dispatch], Awaitable[None]]]:
-        """Register an async handler for dispatches of ``event_type`` (``"*"``: all).
+    @overload
+    def on(self, key: str) -> Callable[[Handler[Dispatch]], Handler[Dispatch]]: ...
 
-        Register before entering the ``async with`` block. Handlers run one at a time on
-        their own task, never on a protocol loop; do not iterate the client as well.
+    @overload
+    def on(self, key: type[_E]) -> Callable[[Handler[_E]], Handler[_E]]: ...
+
+    def on(self, key: str | type[Event]) -> Callable[[Handler[Any]], Handler[Any]]:
+        """Register an async handler: for dispatches of a type, or for a kind of event.
+
+        ``client.on("C2C_MESSAGE_CREATE")`` (``"*"``: every dispatch) gets
+        :class:`~qqproto.Dispatch` events of that type; ``client.on(Ready)``, ``on(Resumed)``,
+        ``on(ZombieDetected)``, ``on(Disconnected)``, ``on(FatalStop)`` (any event class,
+        :class:`~qqproto.Event` for all) get the session's life. Register before entering
+        the client (or calling :meth:`run`). Handlers run one at a time, in order, on their
+        own task, never on a protocol loop, so a slow one delays only the next; an exception
+        in one is logged with its event and the session goes on. Do not iterate the client
+        as well.
         """
 
-        def register(
-            func: Callable[[Dispatch], Awaitable[None]],
-        ) -> Callable[[Dispatch], Awaitable[None]]:
-            self._handlers.setdefault(event_type, []).append(func)
+        def register(func: Handler[Any]) -> Handler[Any]:
+            if isinstance(key, str):
+                self._handlers.setdefault(key, []).append(func)
+            else:
+                self._event_handlers.setdefault(key, []).append(func)
             return func
 
         return register
 
-    async def _run_handlers(self) -> None:
-        async for event in self:
-            if not isinstance(event, Dispatch):
-                continue
-            for func in [*self._handlers.get(event.type, ()), *self._handlers.get("*", ())]:
+    def _handlers_for(self, event: Event) -> list[Handler[Any]]:
+        found: list[Handler[Any]] = []
+        if type(event) is Dispatch:
+            found += self._handlers.get(event.type, ())
+            found += self._handlers.get("*", ())
+        for kind in type(event).__mro__:
+            found += self._event_handlers.get(kind, ())
+        return found
+
+    async def _serve(self) -> FatalStop | None:
+        """Take every event and run its handlers until every shard stopped.
+
+        Returns the first FatalStop, if a shard stopped for good.
+        """
+        fatal: FatalStop | None = None
+        async for shard_id, event in self._pairs:
+            if fatal is None and isinstance(event, FatalStop):
+                fatal = event
+                self._fatal_shard = shard_id
+            for func in self._handlers_for(event):
                 try:
                     await func(event)
                 except Exception:
-                    log.exception("handler for %s failed", event.type)
+                    log.exception(
+                        "shard %s: handler %s failed on %s",
+                        shard_id,
+                        getattr(func, "__qualname__", func),
+                        _describe(event),
+                    )
+        return fatal
+
+    async def _run_handlers(self) -> None:
+        await self._serve()
+
+    async def run(self) -> None:
+        """Run the client with its handlers until every shard has stopped.
+
+        Enters the client, runs the handlers registered with :meth:`on` on every event, and
+        returns when the sessions were closed (:meth:`close` from a handler or another task,
+        or a cancelled caller, which closes them cleanly). Use :func:`qqproto_io.supervise`
+        to have SIGINT/SIGTERM, systemd and a health port taken care of as well.
+
+        Raises:
+            FatalStopError: a shard stopped for good (a fatal close code, wrong
+                credentials); it carries the close code and the hint. The other shards
+                were closed.
+        """
+        self._inline_handlers = True
+        async with self:
+            fatal = await self._serve()
+            if fatal is not None:
+                await self.close()
+        if fatal is not None:
+            raise FatalStopError(self._fatal_shard, fatal)
 
 
 class _ShardEvents:

@@ -178,6 +178,13 @@ def _proxy(value: str) -> str:
     return value
 
 
+def _app(value: str) -> str:
+    module, colon, attr = value.partition(":")
+    if not colon or not module or not attr.isidentifier():
+        raise ValueError("must be MODULE:FUNCTION, e.g. mybot:setup")
+    return value
+
+
 def _path(value: str) -> str:
     if Path(value).is_dir():
         raise ValueError("is a directory; name a file in it")
@@ -308,6 +315,16 @@ _RUN = (
         _positive_seconds,
         None,
         "stop after this many seconds (default: run until SIGINT/SIGTERM)",
+    ),
+    Option(
+        "app",
+        ("--app",),
+        "QQBOT_APP",
+        _app,
+        None,
+        "your bot: MODULE:FUNCTION, a function called with the GatewayClient to register "
+        "its handlers (client.on(...)) before the sessions start",
+        metavar="MODULE:FUNCTION",
     ),
 )
 

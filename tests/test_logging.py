@@ -111,9 +111,9 @@ def test_text_format_names_the_shard():
 
 
 def test_the_console_shows_info_and_life_signs_and_everything_when_verbose():
-    def shown(verbose: bool) -> list[str]:
+    def shown(verbose: bool, life_signs: bool = False) -> list[str]:
         out = io.StringIO()
-        handler = configure_logging(out, "json", verbose=verbose)
+        handler = configure_logging(out, "json", verbose=verbose, life_signs=life_signs)
         try:
             log = EventLogger(9)
             log(dispatch(1))
@@ -125,7 +125,8 @@ def test_the_console_shows_info_and_life_signs_and_everything_when_verbose():
             handler.close()
         return [json.loads(line)["event"] for line in out.getvalue().splitlines()]
 
-    assert shown(verbose=False) == ["dispatch", "zombie", "fatal"]
+    assert shown(verbose=False) == ["zombie", "fatal"]  # INFO and above
+    assert shown(verbose=False, life_signs=True) == ["dispatch", "zombie", "fatal"]  # a demo
     assert shown(verbose=True) == ["dispatch", "state", "zombie", "fatal"]
 
 
@@ -179,3 +180,20 @@ def test_the_json_log_of_a_real_session_names_the_state_after_each_event():
     assert names.index("session_invalidated") < names.index("reconnect")
     times = [line["t"] for line in lines]
     assert times == sorted(times)
+
+
+def test_pytransitions_does_not_flood_an_info_log():
+    # A program with logging.basicConfig(level=INFO) sees no `transitions.core` lines per
+    # state change, unless it asked for them by setting that logger's level itself.
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, random; logging.basicConfig(level=logging.INFO);"
+        "from qqproto import GatewayConnection; c = GatewayConnection(rng=random.Random(1));"
+        "c.start(0.0); c.close(1.0)"
+    )
+    proc = subprocess.run(  # noqa: S603 - our own interpreter
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert "transitions" not in proc.stderr
