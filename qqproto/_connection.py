@@ -274,6 +274,7 @@ class GatewayConnection:
         self._up_since: float | None = None
         self._alive_at: float | None = None  # last sign of life from the server
         self._live_at: float | None = None  # last time health() found the session ready
+        self._acked_at: float | None = None  # last ACK on any connection
         self._started_at = 0.0
         # The liveness budget runs from here when nothing was ready since: the start, or the
         # end of a planned wait (the daily identify budget), which is not a stuck session.
@@ -369,6 +370,8 @@ class GatewayConnection:
             return Health(
                 live=True, ready=False, reason="not started", since_live=None, last_ack_age=None
             )
+        acked = self._acked_at
+        since_ack = max(0.0, now - (acked if acked is not None else self._started_at))
         if state in (_S.STOPPED, _S.ERROR):
             return Health(
                 live=False,
@@ -376,9 +379,17 @@ class GatewayConnection:
                 reason=f"connection {state.name}",
                 since_live=since,
                 last_ack_age=ack_age,
+                since_ack=since_ack,
             )
         if ready:
-            return Health(live=True, ready=True, reason="", since_live=since, last_ack_age=ack_age)
+            return Health(
+                live=True,
+                ready=True,
+                reason="",
+                since_live=since,
+                last_ack_age=ack_age,
+                since_ack=since_ack,
+            )
         planned = self._planned_until
         if state is _S.BACKOFF and planned is not None:
             return Health(
@@ -387,12 +398,20 @@ class GatewayConnection:
                 reason=f"waiting {max(0.0, planned - now):.0f} s for the identify budget to reset",
                 since_live=since,
                 last_ack_age=ack_age,
+                since_ack=since_ack,
             )
         live_at = self._live_at
         waited = now - (self._budget_from if live_at is None else max(live_at, self._budget_from))
         live = waited <= self._config.liveness_budget
         reason = f"{state.name} for {waited:.0f} s" if state is not _S.READY else "ACKs late"
-        return Health(live=live, ready=False, reason=reason, since_live=since, last_ack_age=ack_age)
+        return Health(
+            live=live,
+            ready=False,
+            reason=reason,
+            since_live=since,
+            last_ack_age=ack_age,
+            since_ack=since_ack,
+        )
 
     def snapshot(self) -> SessionSnapshot | None:
         """The session as a snapshot stamped with the last ``now`` seen, or ``None``."""
@@ -884,6 +903,7 @@ class GatewayConnection:
         latency = ka.ack_received(now)
         if latency is None:
             return  # an ACK nobody asked for (answer to a server op 1, or a late duplicate)
+        self._acked_at = now
         if self._model.state is _S.READY:
             self._live_at = now  # the evidence health() judges by
         samples = ka.samples

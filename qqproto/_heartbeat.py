@@ -39,6 +39,10 @@ class Health:
         since_live: seconds since the last evidence of a ready session (READY, or an ACK in
             READY); ``None`` when ready now, or never ready.
         last_ack_age: seconds since the last ACK on this connection, or ``None``.
+        since_ack: seconds since the last ACK on any connection of this shard, or since
+            ``start()`` before the first one (``None`` before ``start()``). Unlike
+            ``last_ack_age`` it does not start again with each connection, so it grows
+            through a loop of links that open, even resume, and never acknowledge a beat.
     """
 
     live: bool
@@ -46,6 +50,7 @@ class Health:
     reason: str
     since_live: float | None
     last_ack_age: float | None
+    since_ack: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -128,8 +128,12 @@ class Metrics:
         ``qqproto_shard_state{state}``: 1 for the current state, 0 for the others (from
             ``StateChanged``).
         ``qqproto_heartbeat_latency_seconds``: histogram of heartbeat round trips.
-        ``qqproto_ack_age_seconds``: seconds since the last ACK, at scrape time (absent
-            while there is none).
+        ``qqproto_ack_age_seconds``: seconds since the last ACK of the current connection,
+            at scrape time (absent while there is none).
+        ``qqproto_since_last_ack_seconds``: seconds since any connection of the shard last
+            got an ACK (since start before the first), at scrape time. It does not restart
+            with each connection, so it is the one to alert on: it grows through a loop of
+            links that open, even resume, and never acknowledge a beat.
         ``qqproto_reconnects_total{reason}``: disconnects followed by a reconnect, by what
             comes next (``resume`` or ``identify``); a stop is not counted.
         ``qqproto_resumes_total``, ``qqproto_identifies_total`` (READY),
@@ -161,6 +165,13 @@ class Metrics:
         self.ack_age = Gauge(
             "qqproto_ack_age_seconds",
             "Seconds since the last heartbeat ACK, at scrape time",
+            ["shard"],
+            registry=r,
+        )
+        self.since_last_ack = Gauge(
+            "qqproto_since_last_ack_seconds",
+            "Seconds since any connection of the shard last got a heartbeat ACK (or since "
+            "start, before the first), at scrape time",
             ["shard"],
             registry=r,
         )
@@ -287,6 +298,8 @@ class Metrics:
             self._shard(shard)  # a shard that has produced no event yet still shows 0s
             if health.last_ack_age is not None:
                 self.ack_age.labels(str(shard)).set(health.last_ack_age)
+            if health.since_ack is not None:
+                self.since_last_ack.labels(str(shard)).set(health.since_ack)
         if stall is not None:
             # The monitor's thread only appends; a snapshot of the list is consistent.
             durations = stall.stalls[self._stalls_seen :]

@@ -377,3 +377,23 @@ def test_close_during_a_rotation_close_keeps_the_session() -> None:
     assert last is not None
     assert last.session_id == "S1"
     assert [o for o in drv.outputs if isinstance(o, PersistSnapshot)]
+
+
+def test_the_time_since_the_last_ack_grows_through_a_loop_of_dead_links() -> None:
+    # Every connection opens and resumes, none acknowledges a beat: the per-connection ACK
+    # age starts again each time, the shard's own keeps growing (what operators alert on).
+    drv = Driver(seed=19)
+    drv.connect_ready()
+    t_ack = jump(drv)
+    drv.ack()
+    drv.server_close(1006)
+    for _ in range(3):
+        drv.advance_to_timer()  # the backoff
+        drv.hello()
+        drv.resumed(seq=1)
+        health = drv.conn.health(drv.now)
+        assert health.last_ack_age is not None and health.last_ack_age < 1.0
+        while drv.conn.state is not S.BACKOFF:
+            jump(drv)  # beats, never ACKed; the zombie; the echoed close
+    assert drv.conn.health(drv.now).since_ack == pytest.approx(drv.now - t_ack)
+    assert drv.now - t_ack > 3 * 45.0

@@ -257,3 +257,15 @@ async def test_silent_client_is_cut_after_the_read_timeout():
             async with await anyio.connect_tcp("127.0.0.1", server.port) as stream:
                 with pytest.raises(anyio.EndOfStream):
                     await stream.receive()
+
+
+def test_metrics_show_the_time_since_the_last_ack_of_any_connection():
+    from qqproto_io._health import Metrics
+
+    metrics = Metrics()
+    healthy = Health(
+        live=True, ready=False, reason="x", since_live=None, last_ack_age=1.0, since_ack=250.0
+    )
+    text = metrics.render({0: healthy}).decode()
+    assert 'qqproto_since_last_ack_seconds{shard="0"} 250.0' in text
+    assert 'qqproto_ack_age_seconds{shard="0"} 1.0' in text
