@@ -66,7 +66,7 @@ MISUSES = [
         lambda c, d: c.provide_gateway("ws://h/", d.now, session_start_limit={}),
     ),
     ("handle_timer('5')", lambda c, d: c.handle_timer("5")),
-    ("handle_timer(True)", lambda c, d: c.handle_timer(True)),
+    ("handle_timer(True)", lambda c, d: c.handle_timer(True)),  # noqa: FBT003
     ("provide_token(b'abc')", lambda c, d: c.provide_token(b"abc", "7200", d.now)),
     ("provide_token(expires=None)", lambda c, d: c.provide_token("t", None, d.now)),
     ("connection_closed('x')", lambda c, d: c.connection_closed("x", "", d.now, attempt=d.attempt)),
@@ -392,7 +392,8 @@ def test_the_time_since_the_last_ack_grows_through_a_loop_of_dead_links() -> Non
         drv.hello()
         drv.resumed(seq=1)
         health = drv.conn.health(drv.now)
-        assert health.last_ack_age is not None and health.last_ack_age < 1.0
+        assert health.last_ack_age is not None
+        assert health.last_ack_age < 1.0
         while drv.conn.state is not S.BACKOFF:
             jump(drv)  # beats, never ACKed; the zombie; the echoed close
     assert drv.conn.health(drv.now).since_ack == pytest.approx(drv.now - t_ack)
