@@ -66,7 +66,7 @@ MISUSES = [
         lambda c, d: c.provide_gateway("ws://h/", d.now, session_start_limit={}),
     ),
     ("handle_timer('5')", lambda c, d: c.handle_timer("5")),
-    ("handle_timer(True)", lambda c, d: c.handle_timer(True)),  # noqa: FBT003
+    ("handle_timer(True)", lambda c, d: c.handle_timer(True)),  # noqa: FBT003  # noqa: FBT003
     ("provide_token(b'abc')", lambda c, d: c.provide_token(b"abc", "7200", d.now)),
     ("provide_token(expires=None)", lambda c, d: c.provide_token("t", None, d.now)),
     ("connection_closed('x')", lambda c, d: c.connection_closed("x", "", d.now, attempt=d.attempt)),
