@@ -1,9 +1,15 @@
-# Opening a byte stream to the gateway, directly or through an HTTP CONNECT proxy.
+# Opening a byte stream to the gateway, directly or through an HTTP CONNECT or SOCKS5 proxy.
 #
-# Many QQ bot operators sit behind Clash/Mihomo or a corporate proxy (hermes honours
-# HTTPS_PROXY/ALL_PROXY). We speak plain HTTP CONNECT with h11 parsing the proxy's answer,
-# then start TLS to the real host through the tunnel, so the proxy never sees the token.
-# SOCKS is not supported: Clash and Mihomo expose an HTTP port as well.
+# Many QQ bot operators sit behind Clash/Mihomo or a corporate proxy, and Clash and Mihomo
+# export ALL_PROXY=socks5://127.0.0.1:7890 by default, so both kinds must simply work. TLS to
+# the real host is started through the tunnel, so the proxy never sees the token.
+#
+# SOCKS is python-socks' (well kept, anyio support). HTTP CONNECT stays ours, on h11:
+# python-socks parses the proxy's answer from a single read, so an answer split across two
+# TCP segments fails and bytes after the head are lost, and it does not bound the answer;
+# ours reads until the head is complete, caps it, and was already hardened and tested
+# against hostile proxies. The REST calls go through httpx, which speaks both (SOCKS with
+# socksio).
 #
 # A proxy is a peer like any other: whatever it answers ends in ProxyError (an OSError),
 # never in an h11 exception, and its answer is read only up to a small size. Error texts
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import math
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -34,41 +41,72 @@ __all__ = ["ProxyConfig", "ProxyError", "open_stream", "proxy_from_env"]
 
 
 class ProxyError(OSError):
-    """The proxy refused or garbled the CONNECT."""
+    """The proxy refused, garbled or cut the tunnel (its CONNECT or SOCKS handshake)."""
+
+
+_DEFAULT_PORTS = {"http": 8080, "socks5": 1080, "socks5h": 1080}
 
 
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
-    """An HTTP proxy for CONNECT tunnels.
+    """A proxy to tunnel through: HTTP CONNECT or SOCKS5.
 
     Attributes:
         host: the proxy's host.
         port: the proxy's port.
-        authorization: a ``Proxy-Authorization`` value built from the URL's user info; kept
-            out of the repr.
+        authorization: a ``Proxy-Authorization`` value built from the URL's user info (HTTP
+            CONNECT); kept out of the repr.
         no_proxy: host suffixes (and ``*``) that bypass the proxy.
+        scheme: ``"http"`` (CONNECT), ``"socks5"`` (names resolved here) or ``"socks5h"``
+            (names resolved by the proxy).
+        username: the SOCKS5 user name, if any.
+        password: the SOCKS5 password, if any; kept out of the repr.
     """
 
     host: str
     port: int
     authorization: str | None = field(default=None, repr=False)
     no_proxy: tuple[str, ...] = ()
+    scheme: str = "http"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_url(cls, url: str, *, no_proxy: tuple[str, ...] = ()) -> ProxyConfig:
-        """Parse ``http://[user:pass@]host:port``.
+        """Parse ``http://[user:pass@]host:port`` or ``socks5[h]://[user:pass@]host:port``.
 
         Raises:
-            ValueError: not an http:// URL with a host.
+            ValueError: another scheme (SOCKS4 included: the REST client cannot use it), no
+                host, or a bad port.
         """
         parts = urlsplit(url if "://" in url else f"http://{url}")
-        if parts.scheme not in ("http", "") or not parts.hostname:
-            raise ValueError("proxy must be an http://host:port URL (HTTP CONNECT)")
+        scheme = parts.scheme.lower() or "http"
+        if scheme not in _DEFAULT_PORTS:
+            raise ValueError(
+                "proxy must be http://host:port (CONNECT) or socks5://host:port "
+                "(socks5h:// to resolve names at the proxy)"
+            )
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError("proxy URL has an invalid port") from None
+        if not parts.hostname:
+            raise ValueError("proxy URL has no host")
+        user = unquote(parts.username) if parts.username is not None else None
+        password = unquote(parts.password or "") if parts.username is not None else None
         auth = None
-        if parts.username is not None:
-            raw = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        if scheme == "http" and user is not None:
+            raw = f"{user}:{password}".encode()
             auth = "Basic " + base64.b64encode(raw).decode()
-        return cls(parts.hostname, parts.port or 8080, auth, no_proxy)
+        return cls(
+            parts.hostname,
+            port or _DEFAULT_PORTS[scheme],
+            auth,
+            no_proxy,
+            scheme,
+            user if scheme != "http" else None,
+            password if scheme != "http" else None,
+        )
 
     def applies_to(self, host: str) -> bool:
         """False when ``host`` matches a NO_PROXY entry (or is loopback)."""
@@ -112,14 +150,15 @@ async def open_stream(
     ssl_context: ssl.SSLContext | None,
     proxy: ProxyConfig | None,
 ) -> ByteStream:
-    """A byte stream to ``host:port``: through ``proxy`` if it applies, TLS if asked.
+    """A byte stream to ``host:port``: through ``proxy`` if it applies (HTTP CONNECT or
+    SOCKS5), TLS if asked.
 
     Args:
         host: the host to reach.
         port: its port.
         tls: start TLS to ``host`` (through the tunnel, if there is one).
         ssl_context: the TLS settings, or ``None`` for the system defaults.
-        proxy: the HTTP CONNECT proxy, or ``None``.
+        proxy: the proxy, or ``None``.
 
     Raises:
         ProxyError: the proxy refused, garbled or cut the CONNECT.
@@ -127,7 +166,11 @@ async def open_stream(
         anyio.BrokenResourceError: the link broke during the TLS handshake.
     """
     if proxy is not None and proxy.applies_to(host):
-        stream: ByteStream = await _connect_tunnel(proxy, host, port)
+        stream: ByteStream
+        if proxy.scheme == "http":
+            stream = await _connect_tunnel(proxy, host, port)
+        else:
+            stream = await _connect_socks(proxy, host, port)
         if tls:
             try:
                 stream = await TLSStream.wrap(
@@ -142,6 +185,30 @@ async def open_stream(
     if tls:
         return await anyio.connect_tcp(host, port, tls=True, ssl_context=ssl_context)
     return await anyio.connect_tcp(host, port)
+
+
+async def _connect_socks(proxy: ProxyConfig, host: str, port: int) -> ByteStream:
+    from python_socks import ProxyError as SocksError  # noqa: PLC0415 - only with SOCKS
+    from python_socks import ProxyType  # noqa: PLC0415
+    from python_socks.async_.anyio import Proxy  # noqa: PLC0415
+
+    socks = Proxy(
+        ProxyType.SOCKS5,
+        proxy.host,
+        proxy.port,
+        username=proxy.username,
+        password=proxy.password,
+        rdns=proxy.scheme == "socks5h",
+    )
+    try:
+        # The caller bounds the whole open (DNS, proxy, TLS, upgrade); python-socks closes
+        # the socket on every failure of its own.
+        return await socks.connect(host, port, timeout=math.inf)
+    except SocksError as exc:
+        # Its message is the proxy's reply code in words; it never holds the password.
+        raise ProxyError(f"SOCKS5 proxy refused the tunnel: {exc}") from None
+    except (TimeoutError, EOFError, ValueError) as exc:
+        raise ProxyError(f"SOCKS5 proxy failed: {type(exc).__name__}") from None
 
 
 async def _connect_tunnel(proxy: ProxyConfig, host: str, port: int) -> ByteStream:

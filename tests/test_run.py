@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 
@@ -249,3 +250,24 @@ async def test_a_fatal_stop_through_the_cli_prints_the_hint_and_exits_4():
     assert err.startswith("qqproto: stopped by the gateway: the token endpoint rejected")
     assert "QQBOT_CLIENT_SECRET" in err
     assert "Traceback" not in err
+
+
+def test_the_deploy_pages_bot_runs_against_the_fake_gateway(tmp_path):
+    # docs/deploy.md's mybot.py, as the page shows it, under `qqproto run --fake --app`.
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "deploy.md").read_text()
+    source = re.search(r"`/opt/mybot/mybot.py`:\n\n```python\n(.*?)```", page, re.DOTALL)
+    assert source is not None
+    (tmp_path / "mybot.py").write_text(source.group(1))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QQBOT_")}
+    env["PYTHONPATH"] = str(tmp_path)
+    code = "import sys; from qqproto_io._cli import main; sys.exit(main())"
+    argv = [sys.executable, "-c", code, "run", "--fake", "--app", "mybot:setup"]
+    proc = subprocess.run(  # noqa: S603 - our own interpreter
+        [*argv, "--seconds", "7"], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ready: session" in proc.stdout
+    assert "handler" not in proc.stdout + proc.stderr  # no handler failed (the reply went out)
