@@ -129,6 +129,11 @@ def _code(text: str) -> str:
 def _default(action: argparse.Action) -> str:
     if "secret" in action.dest:
         return "—"  # never a secret's value, whatever the parser holds
+    option = getattr(action, "option", None)
+    if option is not None:  # qqproto_io._options: the one declaration of the option
+        if option.switch:
+            return "off"
+        return "—" if option.default is None else _code(option.default)
     if isinstance(action, argparse._VersionAction):
         return "—"
     if isinstance(action, argparse._StoreTrueAction):
@@ -140,6 +145,9 @@ def _default(action: argparse.Action) -> str:
 
 
 def _meaning(action: argparse.Action) -> str:
+    option = getattr(action, "option", None)
+    if option is not None:
+        return _cell(option.help)
     text = action.help or ""
     if text == argparse.SUPPRESS:
         text = ""
@@ -163,6 +171,9 @@ def _flag(action: argparse.Action) -> str:
 
 
 def _environment(action: argparse.Action) -> str:
+    option = getattr(action, "option", None)
+    if option is not None:
+        return _code(option.env) if option.env else "—"
     names = sorted(set(_ENV.findall(action.help or "")))
     return ", ".join(_code(n) for n in names) or "—"
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from qqproto import Intents
+from qqproto_io._http import DEFAULT_TOKEN_URL
 from qqproto_io._shards import ShardPlan
 
 if TYPE_CHECKING:
@@ -201,6 +202,7 @@ _OUTPUT = (
         _choice("text", "json"),
         "text",
         "text lines, or one JSON object per event",
+        metavar="text|json",
     ),
     Option(
         "verbose",
@@ -234,8 +236,25 @@ _RUN = (
         "the bot's client secret (prefer the environment: flags show in `ps`)",
         secret=True,
     ),
-    Option("api_base", ("--api-base",), "QQBOT_API_BASE", _http_url, None, "REST base URL"),
-    Option("token_url", ("--token-url",), "QQBOT_TOKEN_URL", _http_url, None, "token endpoint"),
+    Option(
+        "api_base",
+        ("--api-base",),
+        "QQBOT_API_BASE",
+        _http_url,
+        None,
+        "REST base URL (default: the production one, https://api.sgroup.qq.com, or with "
+        "--sandbox https://sandbox.api.sgroup.qq.com)",
+        metavar="URL",
+    ),
+    Option(
+        "token_url",
+        ("--token-url",),
+        "QQBOT_TOKEN_URL",
+        _http_url,
+        DEFAULT_TOKEN_URL,
+        "the token endpoint",
+        metavar="URL",
+    ),
     Option(
         "sandbox",
         ("--sandbox",),
@@ -278,8 +297,10 @@ _RUN = (
         "QQBOT_PROXY",
         _proxy,
         None,
-        "proxy for the gateway and the REST calls: http://host:port (CONNECT), "
-        "socks5://host:port or socks4://host:port (default: HTTPS_PROXY / ALL_PROXY)",
+        "proxy for the gateway and the REST calls: http://host:port (CONNECT) or "
+        "socks5://host:port (socks5h:// to resolve names at the proxy); default: "
+        "HTTPS_PROXY / ALL_PROXY",
+        metavar="URL",
     ),
     Option(
         "snapshot",
@@ -365,11 +386,15 @@ def add_options(parser: argparse.ArgumentParser, options: tuple[Option, ...]) ->
         if opt.default is not None and not opt.switch:
             help_text += f"; default {opt.default}"
         if opt.switch:
-            parser.add_argument(
+            action = parser.add_argument(
                 *opt.flags, dest=opt.dest, action="store_const", const="1", help=help_text
             )
         else:
-            parser.add_argument(*opt.flags, dest=opt.dest, help=help_text, metavar=opt.metavar)
+            action = parser.add_argument(
+                *opt.flags, dest=opt.dest, help=help_text, metavar=opt.metavar
+            )
+        # The configuration reference (docs_hooks/generate.py) renders from the Option.
+        action.option = opt  # type: ignore[attr-defined]
 
 
 def resolve(
