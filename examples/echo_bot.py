@@ -7,6 +7,12 @@
 # inside the event loop below: that delays the *next event*, never a heartbeat, because the
 # protocol runs on a task of its own and events wait in the client's queue.
 #
+# Leaving `async with client` ends the session cleanly whichever way it is left: the
+# `--dispatches` count, `--seconds`, or Ctrl-C, whose cancellation the client shields its
+# close from. A session that stops for good (wrong credentials, a fatal close code) ends the
+# iteration after its FatalStop; only a bug inside the client is raised from the block, as
+# itself.
+#
 #   QQBOT_APP_ID=... QQBOT_CLIENT_SECRET=... python examples/echo_bot.py
 #
 # The app needs the GROUP_AND_C2C_EVENT intent (asked for in the QQ bot console).
@@ -102,7 +108,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return anyio.run(run, parse_args(argv))
+    args = parse_args(argv)
+    try:
+        return anyio.run(run, args)
+    except KeyboardInterrupt:  # raised once run() was cancelled and the session closed
+        return 130
 
 
 if __name__ == "__main__":

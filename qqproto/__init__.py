@@ -74,6 +74,8 @@ from qqproto._rest import (
     parse_expires_in,
     parse_gateway_response,
     parse_token_response,
+    read_gateway_answer,
+    read_token_answer,
 )
 from qqproto._snapshot import InvalidSnapshot, SessionSnapshot
 from qqproto._states import SessionState
@@ -150,4 +152,6 @@ __all__ = [
     "parse_gateway_response",
     "parse_token_response",
     "policy_for_close",
+    "read_gateway_answer",
+    "read_token_answer",
 ]

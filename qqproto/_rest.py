@@ -26,6 +26,8 @@ __all__ = [
     "parse_expires_in",
     "parse_gateway_response",
     "parse_token_response",
+    "read_gateway_answer",
+    "read_token_answer",
 ]
 
 
@@ -179,3 +181,36 @@ def parse_gateway_response(obj: object) -> GatewayInfo:
             max_concurrency=max(1, _int_field(raw_limit, "max_concurrency")),
         )
     return GatewayInfo(url=url, shards=shards, session_start_limit=limit)
+
+
+def read_token_answer(status: int, body: object) -> TokenGrant:
+    """The token endpoint's whole answer: its HTTP status and its body parsed as JSON.
+
+    Args:
+        status: the HTTP status.
+        body: the body parsed as JSON, or ``None`` when it was empty or not JSON.
+
+    Raises:
+        InvalidResponse: the endpoint said no, or said it in the wrong shape. Its ``kind``
+            tells :meth:`~qqproto.GatewayConnection.request_failed` what follows. An error
+            ``code`` in the body decides, whatever the status (a wrong secret comes with 401
+            and with 200 alike): 100016 and its kin are ``FATAL``. Otherwise a status
+            outside 2xx is :func:`classify_status`'s, and a bad body ``TRANSIENT``.
+    """
+    if not 200 <= status < 300:
+        if isinstance(body, dict) and body.get("code") is not None:
+            parse_token_response(body)  # raises, with the code's kind
+        raise InvalidResponse(f"HTTP {status}", kind=classify_status(status))
+    return parse_token_response(body)
+
+
+def read_gateway_answer(status: int, body: object) -> GatewayInfo:
+    """``/gateway/bot``'s (or ``/gateway``'s) whole answer, as :func:`read_token_answer`.
+
+    Raises:
+        InvalidResponse: a status outside 2xx (401 is ``AUTH``: fetch a fresh token), or a
+            body without a usable ``url``.
+    """
+    if not 200 <= status < 300:
+        raise InvalidResponse(f"HTTP {status}", kind=classify_status(status))
+    return parse_gateway_response(body)

@@ -35,9 +35,9 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
     from typing import TextIO
 
-    from qqproto import Event
+    from qqproto import Event, FatalStop
     from qqproto.testing import SimClient
-    from qqproto_io._client import GatewayClient
+    from qqproto_io._client import FatalStopError, GatewayClient
     from qqproto_io._shards import ShardPlan
     from qqproto_io._stores import IdentifyLimiter, SnapshotStore, SqliteSnapshotStore
 
@@ -198,8 +198,14 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
         code = "" if fatal.code is None else f" {fatal.code}"
         sys.stderr.write(f"qqproto: stopped by the gateway:{code} {fatal.reason}\n")
         sys.stderr.write(f"qqproto: {fatal.hint}\n")
-        return EXIT_FATAL if fatal.code in (4914, 4915) else EXIT_CONFIG
-    return EXIT_OK
+    return _exit_code(fatal)
+
+
+def _exit_code(fatal: FatalStop | FatalStopError | None) -> int:
+    """The documented exit code of a run that ended with ``fatal`` (``None``: stopped)."""
+    if fatal is None:
+        return EXIT_OK
+    return EXIT_FATAL if fatal.code in (4914, 4915) else EXIT_CONFIG
 
 
 def _load_app(spec: str) -> Callable[[GatewayClient], object]:
@@ -339,34 +345,67 @@ async def _serve_fake(args: argparse.Namespace, out: TextIO) -> int:
     config = FakeGatewayConfig(
         hello_interval_ms=round(args.hello_interval * 1000), rotate_every=args.rotate_every
     )
-    fake = FakeGatewayServer(
-        config, seed=args.seed, port=args.port, message_interval=args.message_every
-    )
+    # --message-every 0 (or --no-messages): no numbered messages, the fake is driven by hand.
+    every = None if args.no_messages or not args.message_every else args.message_every
+    fake = FakeGatewayServer(config, seed=args.seed, port=args.port, message_interval=every)
+    for name in args.fault:  # checked before anything is printed: one line, exit 2
+        if not hasattr(fake.gateway.faults, name):
+            sys.stderr.write(f"qqproto: unknown fault {name!r}\n")
+            return EXIT_USAGE
+        if type(getattr(fake.gateway.faults, name)) is not bool:
+            sys.stderr.write(f"qqproto: --fault {name}: not an on/off switch (see: fault)\n")
+            return EXIT_USAGE
+        setattr(fake.gateway.faults, name, True)
     try:
         await fake.__aenter__()
     except OSError as exc:
         raise UsageError(f"--port {args.port}: cannot listen ({exc.strerror})") from None
-    async with contextlib.AsyncExitStack() as stack:
-        stack.push_async_exit(fake)
-        server = fake
-        for name in args.fault:
-            if not hasattr(server.gateway.faults, name):
-                sys.stderr.write(f"qqproto: unknown fault {name!r}\n")
-                return EXIT_USAGE
-            setattr(server.gateway.faults, name, True)
-        # Lines a shell takes as they are: `eval "$(qqproto fake-gateway | head -5)"`.
-        out.write(
-            f"export QQBOT_API_BASE={server.http_base}\n"
-            f"export QQBOT_TOKEN_URL={server.token_url}\n"
-            f"export QQBOT_APP_ID={config.app_id}\n"
-            f"export QQBOT_CLIENT_SECRET={config.client_secret}\n"
-            f"# the fake QQ gateway on loopback (the secret above is a fake); its WebSocket is "
-            f"{server.ws_url}\n"
-        )
-        out.flush()
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                break
+    # Stdout holds only the lines a shell takes. What the fake sees (every REST call: method,
+    # path, status, a refusal's code, a send's msg_type/msg_id/msg_seq; never a token or
+    # message content) and the answers to the commands go to stderr.
+    err = sys.stderr
+    handler = configure_logging(err, "text")
+
+    def answer(text: str) -> None:
+        err.write(text + "\n")
+        err.flush()
+
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_exit(fake)
+            server = fake
+            # Lines a shell takes as they are: paste them, or source a file they were
+            # redirected to (a pipe into `eval "$(...)"` waits for the fake's end).
+            out.write(
+                f"export QQBOT_API_BASE={server.http_base}\n"
+                f"export QQBOT_TOKEN_URL={server.token_url}\n"
+                f"export QQBOT_APP_ID={config.app_id}\n"
+                f"export QQBOT_CLIENT_SECRET={config.client_secret}\n"
+                f"# the fake QQ gateway on loopback (the secret above is a fake); its WebSocket "
+                f"is {server.ws_url}\n"
+                f"# drive it (no token): POST {server.control_url}/messages "
+                '{"kind": "c2c", "content": "hi"}, or type commands here (help)\n'
+            )
+            out.flush()
+            commands: int | None = None
+            if not args.no_stdin:
+                try:
+                    commands = sys.stdin.fileno()
+                    # A background job that reads its terminal is stopped (SIGTTIN): not then.
+                    if os.isatty(commands) and os.tcgetpgrp(commands) != os.getpgrp():
+                        commands = None
+                except (AttributeError, OSError, ValueError):
+                    commands = None  # no usable stdin (closed, or taken by a test harness)
+            async with anyio.create_task_group() as tg:
+                if commands is not None:
+                    tg.start_soon(server.read_commands, commands, answer)
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        break
+                tg.cancel_scope.cancel()
+    finally:
+        logging.getLogger(ROOT_LOGGER).removeHandler(handler)
+        handler.close()
     return EXIT_OK
 
 

@@ -33,8 +33,8 @@ from qqproto import (
     InvalidResponse,
     TokenGrant,
     classify_status,
-    parse_gateway_response,
-    parse_token_response,
+    read_gateway_answer,
+    read_token_answer,
 )
 
 if TYPE_CHECKING:
@@ -189,21 +189,12 @@ class RestApi:
         }
         status, content = await self._exchange(what, "POST", self._token_url, json=body)
         data = _loads(content)
-        if not 200 <= status < 300:
-            # The body's error code says more than the status (a wrong secret comes as
-            # 401 or 200 alike): the core classifies it whenever the body names one.
-            if isinstance(data, dict) and data.get("code") is not None:
-                try:
-                    parse_token_response(data)
-                except InvalidResponse as exc:
-                    raise HttpFailure(f"token: HTTP {status}: {exc}", kind=exc.kind) from None
-            raise HttpFailure(f"{what}: HTTP {status}", kind=classify_status(status))
-        if isinstance(data, _NotJSON):
+        if isinstance(data, _NotJSON) and 200 <= status < 300:
             raise HttpFailure(f"{what}: body is not JSON")
         try:
-            return parse_token_response(data)
+            return read_token_answer(status, None if isinstance(data, _NotJSON) else data)
         except InvalidResponse as exc:
-            raise HttpFailure(f"token: {exc}", kind=exc.kind) from None
+            raise HttpFailure(f"{what}: {exc}", kind=exc.kind) from None
 
     async def _fetch_gateway(self, token: str) -> GatewayInfo:
         headers = self._auth(token)
@@ -218,15 +209,13 @@ class RestApi:
         url = f"{self._api_base}{path}"
         what = f"GET {_path(url)}"
         status, content = await self._exchange(what, "GET", url, headers=headers)
-        if not 200 <= status < 300:
-            raise HttpFailure(f"{what}: HTTP {status}", kind=classify_status(status))
-        data = _loads(content)
+        data = _loads(content) if 200 <= status < 300 else None
         if isinstance(data, _NotJSON):
             raise HttpFailure(f"{what}: body is not JSON")
         try:
-            return parse_gateway_response(data)
+            return read_gateway_answer(status, data)
         except InvalidResponse as exc:
-            raise HttpFailure(f"gateway: {exc}", kind=exc.kind) from None
+            raise HttpFailure(f"{what}: {exc}", kind=exc.kind) from None
 
     async def _request(
         self, what: str, method: str, url: str, token: str, json: JSONValue

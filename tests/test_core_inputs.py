@@ -18,6 +18,7 @@ from qqproto import (
     FatalStop,
     FetchToken,
     HelloReceived,
+    InvalidResponse,
     LocalProtocolError,
     PayloadTooLarge,
     PersistSnapshot,
@@ -33,6 +34,8 @@ from qqproto import (
     SessionState,
     StateChanged,
     ZombieDetected,
+    read_gateway_answer,
+    read_token_answer,
 )
 from tests.helpers import Driver, advance_to, jump
 
@@ -398,3 +401,37 @@ def test_the_time_since_the_last_ack_grows_through_a_loop_of_dead_links() -> Non
             jump(drv)  # beats, never ACKed; the zombie; the echoed close
     assert drv.conn.health(drv.now).since_ack == pytest.approx(drv.now - t_ack)
     assert drv.now - t_ack > 3 * 45.0
+
+
+# ------------------------------------------------- what an HTTP answer means
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kind"),
+    [
+        (200, {"code": 100016, "message": "invalid appid or secret"}, FailureKind.FATAL),
+        (401, {"code": 100016}, FailureKind.FATAL),  # the code decides, not the status
+        (401, {"message": "no"}, FailureKind.AUTH),
+        (503, None, FailureKind.TRANSIENT),
+        (429, {"code": 100001}, FailureKind.TRANSIENT),
+        (200, None, FailureKind.TRANSIENT),  # not JSON
+        (200, {"access_token": "t"}, FailureKind.TRANSIENT),  # no expires_in
+    ],
+)
+def test_the_core_reads_a_token_answer_and_says_what_a_refusal_means(status, body, kind) -> None:
+    with pytest.raises(InvalidResponse) as err:
+        read_token_answer(status, body)
+    assert err.value.kind is kind
+    assert "invalid appid" not in str(err.value)  # never the server's own text
+
+
+def test_a_good_answer_is_read_and_a_gateway_401_means_a_fresh_token() -> None:
+    grant = read_token_answer(200, {"access_token": "t", "expires_in": "7200"})
+    assert (grant.token, grant.expires_in) == ("t", 7200.0)
+    assert read_gateway_answer(200, {"url": "wss://gw.example/websocket"}).url.startswith("wss")
+    with pytest.raises(InvalidResponse) as err:
+        read_gateway_answer(401, {"url": "wss://gw.example/websocket"})
+    assert err.value.kind is FailureKind.AUTH
+    with pytest.raises(InvalidResponse) as err:
+        read_gateway_answer(200, {"url": "wss://gw.example:99999/"})
+    assert err.value.kind is FailureKind.TRANSIENT

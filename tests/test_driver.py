@@ -1004,9 +1004,11 @@ def test_proxy_from_url_parses_credentials_and_hides_them():
     bare = ProxyConfig.from_url("127.0.0.1:7890")  # Clash's usual address, scheme implied
     assert (bare.host, bare.port, bare.authorization) == ("127.0.0.1", 7890, None)
     assert ProxyConfig.from_url("http://proxy.example").port == 8080
-    for bad in ("socks5://127.0.0.1:7891", "https://proxy.example:443", "http://:8080"):
+    for bad in ("socks4://127.0.0.1:7891", "https://proxy.example:443"):
         with pytest.raises(ValueError, match="http://"):
             ProxyConfig.from_url(bad)
+    with pytest.raises(ValueError, match="no host"):
+        ProxyConfig.from_url("http://:8080")
 
 
 def test_proxy_applies_to_follows_no_proxy_and_skips_loopback():

@@ -7,8 +7,8 @@
 # Ordering comes from what the client prints (a line proves the event before it), never
 # from sleeping; every wait is bounded by BOUND, generous for a loaded machine.
 #
-# The echo bot runs in-process, on the same event loop as the fake server: see
-# test_echo_bot_replies_to_c2c_and_group_messages for why.
+# The echo bot runs in-process, on the same event loop as the fake server, so that the test
+# sees the events it handles (through its `show`) and the replies it posts.
 """Tests for examples/: the threaded, asyncio and echo-bot clients against the fake server."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import importlib.util
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -27,7 +28,7 @@ import anyio
 import pytest
 from anyio.from_thread import start_blocking_portal
 
-from qqproto import Dispatch, HeartbeatAcknowledged, Ready
+from qqproto import Dispatch, FatalStop, HeartbeatAcknowledged, Ready
 from qqproto.testing import FakeGatewayConfig
 from qqproto_io import FakeGatewayServer
 
@@ -123,12 +124,12 @@ class Example:
             self.lines.append(line)
         return self.of(prefix)[count - 1]
 
-    def finish(self) -> None:
+    def finish(self, returncode: int = 0) -> None:
         """Wait for a clean exit, with everything it printed read."""
         deadline = time.monotonic() + BOUND
         while (line := self._queue.get(timeout=max(0.0, deadline - time.monotonic()))) is not None:
             self.lines.append(line)
-        assert self.proc.wait(max(0.0, deadline - time.monotonic())) == 0, self._stderr
+        assert self.proc.wait(max(0.0, deadline - time.monotonic())) == returncode, self._stderr
         assert self._stderr == []  # no traceback, no warning (ResourceWarning included)
 
     def kill(self) -> None:
@@ -248,6 +249,58 @@ def test_asyncio_client_survives_an_op7_rotation_and_loses_no_event(served, exam
     assert_no_secret(client, served)
 
 
+# ------------------------------------------------------------- failures they survive
+
+
+@pytest.mark.parametrize("name", ["threaded_client.py", "asyncio_client.py"])
+def test_wrong_credentials_stop_the_example_with_a_fatal_stop(served, examples, name):
+    # The token endpoint answers 100016: no retry can help, so the example must not retry
+    # forever but stop, say why, and exit non-zero.
+    env = {**served.env(), "QQBOT_CLIENT_SECRET": "not-the-secret"}
+    client = examples(name, env)
+    fatal = client.expect("FatalStop(")
+    assert "the token endpoint rejected the credentials" in fatal
+    assert "check the app id and client secret" in fatal  # the hint
+    client.finish(returncode=1)
+    assert len(served.gateway.token_requests) == 1
+    assert served.gateway.connections == []  # no gateway request, no socket
+    assert "not-the-secret" not in "\n".join(client.lines + client._stderr)
+
+
+@pytest.mark.parametrize("name", ["threaded_client.py", "asyncio_client.py"])
+def test_an_oversized_message_is_dropped_and_reported_on_a_connection_kept(served, examples, name):
+    # Closing with 1009 would not help: the server would replay it on the Resume.
+    client = examples(name, served.env(), "--dispatches", "2")
+    client.expect("Ready(")
+    served.call(served.server.message, 1)
+    client.expect("Dispatch(")
+    served.call(lambda: served.server.message(2, content="x" * (1 << 20)))
+    violation = client.expect("ProtocolViolation(")
+    assert "too_large" in violation
+    served.call(served.server.message, 3)
+    client.finish()
+
+    assert [event_id for _, _, event_id in dispatches(client)] == [message_id(1), message_id(3)]
+    assert len(client.of("Disconnected(")) == 1  # the final, clean stop
+    assert len(served.gateway.connections) == 1
+
+
+@pytest.mark.parametrize("name", ["threaded_client.py", "asyncio_client.py"])
+def test_ctrl_c_closes_cleanly_and_keeps_the_session(served, examples, name, tmp_path):
+    snapshot = tmp_path / "session.json"
+    client = examples(name, served.env(), "--snapshot", str(snapshot))
+    client.expect("Ready(")
+    client.expect("HeartbeatAcknowledged(")
+    client.proc.send_signal(signal.SIGINT)
+    gone = client.expect("Disconnected(")
+    client.finish()
+
+    assert gone.startswith("Disconnected(code=4000, reason='closed by the application'")
+    assert snapshot.exists()  # a restart Resumes
+    (connection,) = served.gateway.connections
+    assert connection.closed
+
+
 # -------------------------------------------------------------------------- echo bot
 
 
@@ -269,9 +322,8 @@ def anyio_backend():
 
 @pytest.mark.anyio
 async def test_echo_bot_replies_to_c2c_and_group_messages(monkeypatch, capsys):
-    # In-process, on the fake server's own event loop. In a process of its own the bot
-    # would sometimes wait 30 s for Hello: qqproto_io's Transport leaves a WebSocket message
-    # that arrives in the same read as the HTTP 101 unprocessed until more data comes.
+    # In-process, on the fake server's own event loop: the events are the bot's own
+    # objects, and every reply is in the server's rest_posts once the bot returns.
     echo_bot = load_example("echo_bot", monkeypatch)
     events = []
     changed = anyio.Event()
@@ -336,6 +388,25 @@ async def test_echo_bot_replies_to_c2c_and_group_messages(monkeypatch, capsys):
     assert "replied POST /v2/users/FAKEOPENID0001/messages\n" in printed
     assert "replied POST /v2/groups/FAKEGROUP0001/messages\n" in printed
     assert "reply failed" not in printed
+
+
+@pytest.mark.anyio
+async def test_echo_bot_stops_on_wrong_credentials(monkeypatch):
+    echo_bot = load_example("echo_bot", monkeypatch)
+    events = []
+    monkeypatch.setattr(echo_bot, "show", events.append)
+    with anyio.fail_after(BOUND):
+        async with FakeGatewayServer(GATEWAY) as server:
+            args = echo_bot.parse_args(
+                [
+                    *("--api-base", server.http_base, "--token-url", server.token_url),
+                    *("--app-id", server.gateway.config.app_id, "--client-secret", "wrong"),
+                ]
+            )
+            assert await echo_bot.run(args) == 1
+    (fatal,) = [e for e in events if isinstance(e, FatalStop)]
+    assert fatal.reason == "the token endpoint rejected the credentials"
+    assert server.gateway.connections == []
 
 
 @pytest.mark.parametrize("name", ["threaded_client.py", "asyncio_client.py", "echo_bot.py"])
