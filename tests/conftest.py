@@ -106,3 +106,41 @@ def redis_server(tmp_path_factory):
             proc.wait()
         drain.join(timeout=10)
         proc.stdout.close()
+
+
+# --- tests/test_hostile_peer.py: the long local run (begin) ---------------------------------
+def pytest_addoption(parser):
+    """``--soak``: run the hostile-peer property test long, with random seeds and shrinking."""
+    group = parser.getgroup("hostile peer (tests/test_hostile_peer.py)")
+    group.addoption(
+        "--soak",
+        action="store_true",
+        default=False,
+        help="many random hostile-peer examples with shrinking, instead of the short CI run",
+    )
+    group.addoption(
+        "--soak-examples",
+        type=int,
+        default=300,
+        metavar="N",
+        help="examples per backend under --soak (default: 300)",
+    )
+
+
+# --- tests/test_hostile_peer.py: the long local run (end) -----------------------------------
+
+
+@pytest.fixture
+def client_closes(monkeypatch) -> list[int | None]:
+    """Every close code a client sent the fake gateway (``None``: its TCP link ended)."""
+    from qqproto.testing import ServerConnection
+
+    seen: list[int | None] = []
+    original = ServerConnection.client_closed
+
+    def record(self, code, now):
+        seen.append(code)
+        original(self, code, now)
+
+    monkeypatch.setattr(ServerConnection, "client_closed", record)
+    return seen

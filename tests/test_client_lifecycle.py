@@ -21,7 +21,6 @@ from qqproto import (
     SessionState,
     TokenGrant,
 )
-from qqproto.testing import ServerConnection
 from qqproto_io._driver import ShardDriver
 from qqproto_io._fake_server import FakeGatewayServer
 from qqproto_io._http import Credentials, RestApi, TokenSource
@@ -34,20 +33,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request):
     return request.param
-
-
-@pytest.fixture
-def client_closes(monkeypatch) -> list[int | None]:
-    """Every close code a client sent the fake gateway (``None``: its TCP link ended)."""
-    seen: list[int | None] = []
-    original = ServerConnection.client_closed
-
-    def record(self, code, now):
-        seen.append(code)
-        original(self, code, now)
-
-    monkeypatch.setattr(ServerConnection, "client_closed", record)
-    return seen
 
 
 class Boom(Exception):

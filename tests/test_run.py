@@ -17,7 +17,6 @@ import anyio
 import pytest
 
 from qqproto import Disconnected, Dispatch, FatalStop, Ready, Resumed
-from qqproto.testing import ServerConnection
 from qqproto_io import FatalStopError
 from qqproto_io._fake_server import FakeGatewayServer
 from tests.test_driver import BOUND, gateway_config, make_client
@@ -146,19 +145,6 @@ BOT = textwrap.dedent(
         anyio.run(supervise, client)
     """
 )
-
-
-@pytest.fixture
-def client_closes(monkeypatch) -> list[int | None]:
-    seen: list[int | None] = []
-    original = ServerConnection.client_closed
-
-    def record(self, code, now):
-        seen.append(code)
-        original(self, code, now)
-
-    monkeypatch.setattr(ServerConnection, "client_closed", record)
-    return seen
 
 
 async def _signal_when_ready(argv, env, signum) -> tuple[int, str]:
