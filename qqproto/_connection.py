@@ -647,10 +647,12 @@ class GatewayConnection:
                 they come.
 
         Raises:
-            LocalProtocolError: a wrong argument type (``code`` outside 0-4999 included).
+            LocalProtocolError: a wrong argument type (``code`` outside 0-65535 included).
         """
-        if code is not None and (type(code) is not int or not 0 <= code <= 4999):
-            raise LocalProtocolError("code must be None or an int in 0-4999")
+        # Any 16-bit code can arrive in a close frame; one outside the registered ranges is
+        # the peer's business (an unknown close), not a misuse of this verb.
+        if code is not None and (type(code) is not int or not 0 <= code <= 0xFFFF):
+            raise LocalProtocolError("code must be None or an int in 0-65535")
         if not _is_text(reason):
             raise LocalProtocolError("reason must be a str")
         if _check_attempt(attempt) != self._live_attempt:

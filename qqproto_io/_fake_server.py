@@ -2,16 +2,20 @@
 #
 # Theory of operation. One TCP listener serves both the REST endpoints and the WebSocket
 # gateway, as the real platform's hosts do from the client's point of view. Every accepted
-# socket starts as an h11 HTTP/1.1 server connection: token, gateway-URL and message-send
-# requests are answered from `FakeGateway.token_request` / `gateway_request` /
-# `post_message` (keep-alive allowed), and an `Upgrade: websocket` GET on the gateway path
-# hands the socket, with whatever bytes h11 had already buffered, to wsproto.
+# socket starts as an h11 HTTP/1.1 server connection. REST requests are answered by
+# `FakeGateway.rest_request` (token, gateway URL, message sends, media uploads: the core
+# routes, checks and records them) and logged at INFO on `qqproto_io.fake_server`, one line
+# each, never a token; requests under `/_fake/` go to `FakeGateway.control_request`, the
+# test's own door, which needs no token. Keep-alive is allowed. An `Upgrade: websocket` GET
+# on the gateway path hands the socket, with whatever bytes h11 had already buffered, to
+# wsproto.
 #
 # A WebSocket connection ("peer") owns one `ServerConnection` of the sans-IO core and three
 # tasks in its own task group. The reader feeds every client message to the core. The timer
 # task sleeps in a cancel scope whose deadline is the core's `get_timer()`; `_flush` moves
 # that deadline after every input, so timers never poll. All of them, and the test's
-# scripted actions (`message`, `close_all`, `drop_all`), funnel the core's outputs through
+# scripted actions (`message`, `user_message`, `close_all`, `drop_all`, the control door and
+# the `command` lines), funnel the core's outputs through
 # the synchronous `_flush`, which frames them with wsproto at once (so frame order is the
 # order the core produced them in) and queues the bytes for the writer task. The queue is
 # bounded: a client too slow to read is hung up on instead of growing the server's memory.
@@ -24,18 +28,23 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
+import datetime as dt
 import enum
 import http
 import logging
 import math
+import os
 import random
-import re
+import shlex
+import threading
 from typing import TYPE_CHECKING, Self
 from urllib.parse import urlsplit
 
 import anyio
+import anyio.from_thread
 import h11
 import orjson
 from anyio.abc import SocketAttribute
@@ -52,33 +61,36 @@ from wsproto.events import (
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
 from qqproto.testing._fake_gateway import (
+    CONTROL_PREFIX,
+    MESSAGE_KINDS,
+    TOKEN_PATH,
     FakeGateway,
     FakeGatewayConfig,
     HttpReply,
     ServerClose,
     ServerConnection,
     ServerSend,
+    UserMessage,
 )
 from qqproto_io._http_server import next_http_event, response_bytes
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
     from types import TracebackType
 
     from anyio.abc import ByteStream, Listener, SocketStream, TaskGroup
+    from anyio.from_thread import BlockingPortal
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
     from wsproto.events import Event as WsEvent
 
     from qqproto._codec import JSONValue
+    from qqproto.testing._fake_gateway import MessageKind
 
-__all__ = ["FakeGatewayServer"]
+__all__ = ["COMMANDS_HELP", "FakeGatewayServer"]
 
 logger = logging.getLogger("qqproto_io.fake_server")
 
-TOKEN_PATH = "/app/getAppAccessToken"  # noqa: S105 - a URL path, not a secret
 WS_PATH = "/websocket"
-# Where a bot sends (or passively replies to) C2C and group messages.
-_MESSAGE_ROUTE = re.compile(r"/v2/(?:users|groups)/[^/]+/messages")
 
 _READ_SIZE = 65536
 # A token request body is ~80 bytes; anything near this cap is not a client we model.
@@ -155,8 +167,19 @@ class FakeGatewayServer:
             ...  # point the client at server.token_url, server.http_base, server.ws_url
 
     Runs on asyncio and trio (anyio). The sans-IO core is :attr:`gateway`: flip
-    ``gateway.faults`` at any time, read ``gateway.connections`` for what clients sent.
-    ``gateway.config.url`` is set to :attr:`ws_url` unless the config names another URL.
+    ``gateway.faults`` at any time, read ``gateway.connections`` for what clients sent,
+    ``gateway.rest_calls`` for every REST call and ``gateway.rest_posts`` for the accepted
+    message sends. ``gateway.config.url`` is set to :attr:`ws_url` unless the config names
+    another URL.
+
+    Besides the platform's paths, the same port answers the control door under ``/_fake/``
+    (no token; see :meth:`FakeGateway.control_request`): ``POST /_fake/messages`` (a
+    user's C2C, group, guild or direct message), ``POST /_fake/close``,
+    ``POST /_fake/reconnect``, ``POST /_fake/drop``, ``GET /_fake/rest``,
+    ``GET``/``POST /_fake/faults``. :meth:`command` takes the same acts as text lines.
+    Every REST call is logged at INFO on the ``qqproto_io.fake_server`` logger (method,
+    path, status, the refusal's code and, for a send, ``msg_type``/``msg_id``/``msg_seq``;
+    never the Authorization header, a token or message content).
 
     Args:
         config: how the fake platform behaves; copied, so later changes go through
@@ -218,6 +241,11 @@ class FakeGatewayServer:
     def ws_url(self) -> str:
         """The WebSocket gateway URL."""
         return "ws" + self.http_base.removeprefix("http") + WS_PATH
+
+    @property
+    def control_url(self) -> str:
+        """The control door's base URL: ``POST {control_url}/messages`` and the others."""
+        return self.http_base + CONTROL_PREFIX
 
     # ------------------------------------------------------------------------- lifecycle
 
@@ -298,27 +326,162 @@ class FakeGatewayServer:
         self._flush_all()
         return delivered
 
+    def user_message(
+        self,
+        kind: MessageKind,
+        content: str,
+        *,
+        user: str | None = None,
+        group: str | None = None,
+        channel: str | None = None,
+        guild: str | None = None,
+        shard: int = 0,
+    ) -> UserMessage:
+        """A user sends the bot ``content`` in scene ``kind`` now (see
+        :meth:`FakeGateway.user_message`), stamped with the wall clock in UTC+8 as the
+        platform stamps it, and sent to every live connection of its sessions."""
+        sent = self.gateway.user_message(
+            kind,
+            content,
+            anyio.current_time(),
+            user=user,
+            group=group,
+            channel=channel,
+            guild=guild,
+            shard=shard,
+            timestamp=_platform_timestamp(),
+        )
+        self._flush_all()
+        return sent
+
     def reconnect_all(self) -> None:
         """Send op 7 to every live gateway connection (a rotation: each one is closed with
         4009 a second later unless its client closed it first)."""
-        now = anyio.current_time()
-        for conn in list(self.gateway.live):
-            conn.request_reconnect(now)
+        self.gateway.reconnect_all(anyio.current_time())
         self._flush_all()
 
     def close_all(self, code: int, reason: str = "closed by the test") -> None:
         """Close every live gateway connection with ``code`` (a close frame, then hang up)."""
-        now = anyio.current_time()
-        for conn in list(self.gateway.live):
-            conn.close(code, reason, now)
+        self.gateway.close_all(code, reason, anyio.current_time())
         self._flush_all()
 
     def drop_all(self) -> None:
         """Cut every live gateway connection without a close frame."""
-        now = anyio.current_time()
-        for conn in list(self.gateway.live):
-            conn.drop(now)
+        self.gateway.drop_all(anyio.current_time())
         self._flush_all()
+
+    def command(self, line: str) -> str:
+        """Carry out one command line (what ``qqproto fake-gateway`` reads on stdin) and
+        return the answer, one or more lines without a trailing newline.
+
+        The commands are in :data:`COMMANDS_HELP`. A mistake is answered with a line that
+        starts with ``error:``; nothing is changed then.
+        """
+        words = line.strip()
+        if not words or words.startswith("#"):
+            return ""
+        verb, _, rest = words.partition(" ")
+        verb, rest = verb.lower(), rest.strip()
+        if verb == "dm":
+            verb = "direct"
+        try:
+            if verb in MESSAGE_KINDS:
+                sent = self.user_message(verb, rest)
+                return _describe_sent(sent)
+            if verb == "close":
+                return self._command_close(rest)
+            if verb in ("rotate", "reconnect"):
+                count = len(self.gateway.live)
+                self.reconnect_all()
+                return f"op 7 sent to {count} connection(s)"
+            if verb == "drop":
+                count = len(self.gateway.live)
+                self.drop_all()
+                return f"dropped {count} connection(s) without a close frame"
+            if verb == "fault":
+                return self._command_fault(rest)
+            if verb == "rest":
+                calls = [call.describe() for call in self.gateway.rest_calls]
+                return "\n".join(calls) if calls else "no REST call yet"
+            if verb in ("help", "?"):
+                return COMMANDS_HELP
+        except ValueError as exc:
+            return f"error: {exc}"
+        return f"error: unknown command {verb!r}; try: help"
+
+    async def read_commands(self, fd: int, answer: Callable[[str], None]) -> None:
+        """Carry out the command lines read from the file descriptor ``fd`` (:meth:`command`)
+        until its end, passing every answer to ``answer``; returns at the end of input.
+
+        The reading is done by a daemon thread with plain ``os.read`` calls: a read that
+        blocks (a terminal nobody types in) never holds up cancellation or the process's
+        exit, and works for any kind of file (terminal, pipe, regular file, /dev/null).
+        """
+        send, receive = anyio.create_memory_object_stream[str](16)
+        async with anyio.from_thread.BlockingPortal() as portal:
+            with send, receive:  # closed here too: a reader still blocked in os.read is let be
+                reader = threading.Thread(
+                    target=_read_lines,
+                    args=(fd, portal, send),
+                    name="qqproto fake-gateway commands",
+                    daemon=True,
+                )
+                reader.start()
+                async for line in receive:
+                    reply = self.command(line)
+                    if reply:
+                        answer(reply)
+
+    def _command_close(self, rest: str) -> str:
+        code_text, _, reason = rest.partition(" ")
+        try:
+            code = int(code_text)
+        except ValueError:
+            raise ValueError("close takes a close code, e.g. close 4009") from None
+        reply = self.gateway.control_request(
+            "POST",
+            CONTROL_PREFIX + "/close",
+            orjson.dumps({"code": code, "reason": reason.strip() or "closed from the console"}),
+            anyio.current_time(),
+        )
+        self._flush_all()
+        if reply.status != 200:
+            raise ValueError(str(reply.body.get("error")))
+        return f"closed {reply.body.get('closed')} connection(s) with {code}"
+
+    def _command_fault(self, rest: str) -> str:
+        faults = self.gateway.faults
+        if not rest:
+            shown = [f"{f.name}={getattr(faults, f.name)!r}" for f in dataclasses.fields(faults)]
+            return "faults: " + ", ".join(shown)
+        try:
+            name, *value = shlex.split(rest)
+        except ValueError as exc:
+            raise ValueError(f"fault: {exc}") from None
+        if len(value) > 1:
+            raise ValueError("fault takes NAME [on|off|VALUE]")
+        word = value[0].lower() if value else "on"
+        parsed: JSONValue
+        if word in ("on", "true", "yes", "1"):
+            parsed = True
+        elif word in ("off", "false", "no", "0"):
+            parsed = False
+        elif word in ("none", "null"):
+            parsed = None
+        else:
+            try:
+                parsed = int(word)
+            except ValueError:
+                raise ValueError(
+                    f"fault {name}: {word!r} is not on, off, none or a number"
+                ) from None
+        if name in ("identify_close", "resume_close") and parsed is False:
+            parsed = None  # "off" for a close-code switch
+        if name == "replay_overlap" and type(parsed) is bool:
+            parsed = int(parsed)
+        self.gateway.set_fault(name, parsed)
+        self._flush_all()
+        return f"fault {name} = {getattr(faults, name)!r}"
 
     async def _produce_messages(self, interval: float) -> None:
         start = anyio.current_time()
@@ -362,35 +525,31 @@ class FakeGatewayServer:
             if _is_upgrade(event) and path.rstrip("/") == WS_PATH:
                 await self._upgrade(stream, conn, event)
                 return
-            if self.http_hang:
+            method = event.method.decode("ascii", "replace")
+            if path == CONTROL_PREFIX or path.startswith(CONTROL_PREFIX + "/"):
+                # The test's door stays open while REST hangs (http_hang).
+                reply = self.gateway.control_request(method, path, body, anyio.current_time())
+                self._flush_all()
+                logger.info("fake gateway: control %s %s -> %d", method, path, reply.status)
+            elif self.http_hang:
                 await _discard_until_eof(stream)
                 return
-            reply = self._route(event.method, path, event.headers, body)
-            logger.debug("fake gateway: %s %s -> %d", event.method.decode(), path, reply.status)
+            else:
+                reply = self._route(method, path, event.headers, body)
             await _respond(stream, conn, reply)
             if conn.our_state is not h11.DONE:
                 return  # h11 decided the connection must close
             conn.start_next_cycle()
 
     def _route(
-        self, method: bytes, path: str, headers: Iterable[tuple[bytes, bytes]], body: bytes
+        self, method: str, path: str, headers: Iterable[tuple[bytes, bytes]], body: bytes
     ) -> HttpReply:
-        now = anyio.current_time()
         auth = next((v for k, v in headers if k == b"authorization"), None)
         authorization = auth.decode("latin-1") if auth is not None else None
-        if method == b"POST" and (path == TOKEN_PATH or _MESSAGE_ROUTE.fullmatch(path)):
-            try:
-                parsed = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                return HttpReply(400, {"code": 400, "message": "body is not JSON"})
-            if not isinstance(parsed, dict):
-                return HttpReply(400, {"code": 400, "message": "body is not a JSON object"})
-            if path == TOKEN_PATH:
-                return self.gateway.token_request(parsed, now)
-            return self.gateway.post_message(path, authorization, parsed, now)
-        if path in {"/gateway", "/gateway/bot"} and method == b"GET":
-            return self.gateway.gateway_request(authorization, now, bot=path == "/gateway/bot")
-        return HttpReply(404, _error(404))
+        gateway = self.gateway
+        reply = gateway.rest_request(method, path, authorization, body, anyio.current_time())
+        logger.info("fake gateway: %s", gateway.rest_calls[-1].describe())
+        return reply
 
     # ------------------------------------------------------------------- WebSocket
 
@@ -570,6 +729,69 @@ class FakeGatewayServer:
             peer.hang_up()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass  # the writer is gone: the connection is being torn down
+
+
+# ---------------------------------------------------------------------- commands
+
+COMMANDS_HELP = """\
+commands, one a line:
+  c2c TEXT          a user's C2C (private) message to the bot
+  group TEXT        a user's @-message to the bot in a group
+  guild TEXT        a user's @-message to the bot in a guild channel
+  direct TEXT       a user's guild direct message (also: dm TEXT)
+  close CODE [WHY]  close every gateway connection with CODE (e.g. 4009, 4900)
+  rotate            op 7 to every connection (closed 4009 a second later)
+  drop              cut every connection without a close frame
+  fault NAME [on|off|N]  set a Faults switch (no_ack, silent, ...); fault alone lists them
+  rest              the REST calls received so far
+  help              this list"""
+"""The commands :meth:`FakeGatewayServer.command` takes (``qqproto fake-gateway``'s stdin)."""
+
+
+_MAX_LINE = 64 * 1024  # a command line longer than this is dropped unread
+
+
+def _read_lines(fd: int, portal: BlockingPortal, send: MemoryObjectSendStream[str]) -> None:
+    """The command reader's thread: split ``fd``'s bytes into lines and hand each to the
+    event loop through ``portal``; close ``send`` at the end of input."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                chunk = b""  # a closed or unreadable descriptor ends the input
+            pending += decoder.decode(chunk, final=not chunk)
+            *lines, pending = pending.split("\n")
+            if not chunk:
+                lines.append(pending)
+            if len(pending) > _MAX_LINE:
+                pending = ""
+            for line in lines:
+                if len(line) <= _MAX_LINE:
+                    portal.call(send.send, line)
+            if not chunk:
+                return
+    except Exception:  # noqa: BLE001, S110 - the server stopped: nobody to deliver to
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            portal.call(send.aclose)
+
+
+def _describe_sent(sent: UserMessage) -> str:
+    seqs = ", ".join(str(s) for s in sent.seqs) or "none: no session"
+    return (
+        f"{sent.type} event_id {sent.event_id} msg_id {sent.msg_id} seq {seqs}; "
+        f"reply: POST {sent.reply_path}"
+    )
+
+
+def _platform_timestamp() -> str:
+    """Now, as the platform stamps messages: RFC 3339 in UTC+8, whole seconds."""
+    china = dt.timezone(dt.timedelta(hours=8))
+    return dt.datetime.now(china).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------------- HTTP helpers

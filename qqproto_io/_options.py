@@ -363,9 +363,35 @@ _FAKE_GATEWAY = (
         "message_every",
         ("--message-every",),
         None,
-        _positive_seconds,
+        lambda value: 0.0 if value.strip() in {"0", "0.0"} else _positive_seconds(value),
         "5",
-        "a C2C message every N seconds",
+        "a numbered C2C message ('hello 1', 'hello 2', ...) every SECONDS; 0 for none "
+        "(drive the fake by hand)",
+        metavar="SECONDS",
+    ),
+    Option(
+        "no_messages",
+        ("--no-messages",),
+        None,
+        boolean,
+        "0",
+        "no numbered C2C messages at all (the same as --message-every 0)",
+        switch=True,
+    ),
+    Option(
+        "no_stdin",
+        ("--no-stdin",),
+        None,
+        boolean,
+        "0",
+        "do not read commands on stdin. Otherwise each line is one: c2c TEXT, group TEXT, "
+        "guild TEXT or direct TEXT (a user's message to the bot), close CODE [REASON], "
+        "rotate (op 7), drop (no close frame), fault NAME [on|off], rest (the REST calls "
+        "received), help. The same over HTTP on the same port, without the token: "
+        'POST /_fake/messages {"kind": "c2c", "content": "hi"}, POST /_fake/close '
+        '{"code": 4009}, POST /_fake/reconnect, POST /_fake/drop, GET /_fake/rest, '
+        "GET or POST /_fake/faults. Every REST call the fake receives is printed on stderr",
+        switch=True,
     ),
     Option("seed", ("--seed",), None, _int, "0", "the fake's seed"),
 )

@@ -435,3 +435,14 @@ def test_a_good_answer_is_read_and_a_gateway_401_means_a_fresh_token() -> None:
     with pytest.raises(InvalidResponse) as err:
         read_gateway_answer(200, {"url": "wss://gw.example:99999/"})
     assert err.value.kind is FailureKind.TRANSIENT
+
+
+def test_a_close_code_outside_the_registered_ranges_is_the_peers_not_a_misuse() -> None:
+    # Found by the hostile peer: wsproto reports whatever 16-bit code arrived.
+    drv = Driver(seed=20)
+    drv.connect_ready()
+    drv.server_close(5999)
+    assert drv.conn.state is S.BACKOFF
+    (gone,) = drv.of(Disconnected)
+    assert gone.code == 5999
+    assert gone.next_step.value == "resume"

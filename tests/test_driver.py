@@ -912,11 +912,14 @@ async def test_client_request_calls_the_openapi_with_the_sessions_token():
             running(server) as (client, rec),
         ):
             await rec.next(Ready)
-            body = {"content": "hi", "msg_type": 0, "msg_id": "m1"}
-            reply = await client.request("POST", "/v2/users/OPENID1/messages", body)
+            assert server.message(1) == 1  # a message to reply to: the fake checks msg_id
+            body = {"content": "hi", "msg_type": 0, "msg_id": "ROBOT1.0_fake00000001"}
+            reply = await client.request("POST", "/v2/users/FAKEOPENID0001/messages", body)
             assert isinstance(reply, dict)
             assert reply["id"] == "FAKEMSG00000001"
-            assert server.gateway.rest_posts == [("POST", "/v2/users/OPENID1/messages", body)]
+            assert server.gateway.rest_posts == [
+                ("POST", "/v2/users/FAKEOPENID0001/messages", body)
+            ]
             assert len(server.gateway.tokens) == 1  # the session's token, not a new one
             with pytest.raises(HttpFailure) as failure:
                 await client.request("GET", "/v2/nowhere")

@@ -273,6 +273,10 @@ async def test_message_sends_are_recorded_and_answered_with_a_message_id():
         token = await get_token(server)
         client = await HttpClient.connect(server)
         auth = f"QQBot {token}"
+        # The messages the replies answer (a passive reply's msg_id must be one the fake sent).
+        c2c_message = {"id": "ROBOT1.0_a", "author": {"user_openid": "OPENID1"}, "content": "x"}
+        server.dispatch("C2C_MESSAGE_CREATE", c2c_message)
+        server.dispatch("GROUP_AT_MESSAGE_CREATE", {"id": "ROBOT1.0_b", "group_openid": "GROUP1"})
         c2c = {"content": "echo", "msg_type": 0, "msg_id": "ROBOT1.0_a", "msg_seq": 1}
         group = {"content": "echo", "msg_type": 0, "msg_id": "ROBOT1.0_b", "msg_seq": 1}
         status, reply = await client.request(

@@ -206,7 +206,8 @@ class Child:
         self._changed = anyio.Event()
 
     async def run(self, task_status=anyio.TASK_STATUS_IGNORED) -> None:
-        code = "import sys; from qqproto_io._cli import main; sys.exit(main(['run']))"
+        # -v: the dispatch records are DEBUG, and this test reads them.
+        code = "import sys; from qqproto_io._cli import main; sys.exit(main(['run', '-v']))"
         async with await anyio.open_process(
             [sys.executable, "-c", code], env=self.env, stderr=None
         ) as proc:
@@ -292,7 +293,7 @@ def test_qqproto_run_with_redis_keeps_its_snapshot_in_redis(redis_server):
     url = f"redis://{redis_server.host}:{redis_server.port}/0"
     env = {k: v for k, v in os.environ.items() if not k.startswith("QQBOT_")}
     code = "import sys; from qqproto_io._cli import main; sys.exit(main())"
-    argv = [sys.executable, "-c", code, "run", "--redis-url", url, "--seconds", "7"]
+    argv = [sys.executable, "-c", code, "run", "--fake", "--redis-url", url, "--seconds", "7"]
     done = subprocess.run(  # noqa: S603 - our interpreter, our module
         argv, env=env, capture_output=True, text=True, timeout=60, check=False
     )
