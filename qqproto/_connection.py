@@ -125,6 +125,10 @@ def _is_text(value: object) -> bool:
     return type(value) is str
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -651,8 +655,11 @@ class GatewayConnection:
         """
         # Any 16-bit code can arrive in a close frame; one outside the registered ranges is
         # the peer's business (an unknown close), not a misuse of this verb.
-        if code is not None and (type(code) is not int or not 0 <= code <= 0xFFFF):
-            raise LocalProtocolError("code must be None or an int in 0-65535")
+        if code is not None:
+            # An int subclass is fine (wsproto reports known codes as its CloseReason enum).
+            if not _is_int(code) or not 0 <= code <= 0xFFFF:
+                raise LocalProtocolError("code must be None or an int in 0-65535")
+            code = int(code)
         if not _is_text(reason):
             raise LocalProtocolError("reason must be a str")
         if _check_attempt(attempt) != self._live_attempt:
@@ -663,6 +670,10 @@ class GatewayConnection:
         # closes while never acknowledging a beat must not look like a session that stayed up.
         state = self._model.state
         ex = self._exit
+        if state is _S.CONNECTING:
+            # The URL may be what fails (a node gone, a stale answer): ask /gateway/bot again
+            # on the next attempt rather than dialling the same address forever.
+            self._gateway_url = None
         if state in _LINKED or state is _S.CONNECTING:
             policy = policy_for_close(code)
             self._exit = _Exit(policy, code, reason or policy.meaning, by_server=True)
@@ -981,6 +992,7 @@ class GatewayConnection:
         elif state is _S.CONNECTING:
             reason = f"connection not open within {cfg.connect_timeout:g} s"
             self._exit = _Exit(DEADLINE, None, reason, by_server=False)
+            self._gateway_url = None  # as for a failed connect: ask for the URL again
             self._abort(reason)
         else:
             waited = {

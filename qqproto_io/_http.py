@@ -265,7 +265,11 @@ class RestApi:
                 chunks: list[bytes] = []
                 size = 0
                 with anyio.CancelScope() as reading:
-                    async for chunk in response.aiter_bytes():
+                    # Raw: we ask for no encoding (identity), and a decoder that fails on a
+                    # body sent gzipped anyway would raise between httpx's nested
+                    # generators, leaving the inner ones suspended (a ResourceWarning on
+                    # trio). Undecoded, such a body is simply not JSON.
+                    async for chunk in response.aiter_raw():
                         size += len(chunk)
                         if size > self._max_body:
                             # Not break: that would leave httpx's nested async generators

@@ -446,3 +446,30 @@ def test_a_close_code_outside_the_registered_ranges_is_the_peers_not_a_misuse() 
     (gone,) = drv.of(Disconnected)
     assert gone.code == 5999
     assert gone.next_step.value == "resume"
+
+
+def test_a_close_code_may_be_an_int_enum() -> None:
+    # wsproto reports the codes it knows as its CloseReason (an IntEnum).
+    from wsproto.frame_protocol import CloseReason
+
+    drv = Driver(seed=21)
+    drv.connect_ready()
+    drv.conn.connection_closed(CloseReason.GOING_AWAY, "", drv.now, attempt=drv.attempt)
+    drv.pump()
+    (gone,) = drv.of(Disconnected)
+    assert gone.code == 1001
+    assert type(gone.code) is int
+
+
+def test_a_gateway_url_that_cannot_be_reached_is_asked_for_again() -> None:
+    # Found by the hostile peer: a /gateway/bot answer naming an address that refuses
+    # connections was dialled forever; now every failed connect asks for the URL anew.
+    drv = Driver(seed=22, auto_open=False)
+    drv.start()
+    fetches = len([o for o in drv.outputs if type(o).__name__ == "FetchGateway"])
+    assert fetches == 1
+    drv.conn.connection_closed(None, "connection refused", drv.now, attempt=drv.attempt)
+    drv.pump()
+    drv.advance_to_timer()  # the backoff
+    fetches = len([o for o in drv.outputs if type(o).__name__ == "FetchGateway"])
+    assert fetches == 2
