@@ -139,6 +139,15 @@ def _check_attempt(attempt: object) -> int:
     return attempt
 
 
+def _check_start_limit(limit: object) -> None:
+    if type(limit) is not SessionStartLimit:
+        raise LocalProtocolError("session_start_limit must be a SessionStartLimit or None")
+    counts = (limit.total, limit.remaining, limit.max_concurrency)
+    if not all(_is_int(n) for n in counts):
+        raise LocalProtocolError("session_start_limit counts must be ints")
+    _seconds("session_start_limit.reset_after", limit.reset_after)
+
+
 def _seconds(name: str, value: float) -> float:
     if not _is_number(value):
         raise LocalProtocolError(f"{name} must be a number of seconds")
@@ -461,7 +470,10 @@ class GatewayConnection:
         Raises:
             LocalProtocolError: not in IDLE, or ``now`` is not a number.
         """
-        self._started_at = self._budget_from = self._clock(now)
+        now = self._clock(now)
+        if self._model.state is not _S.IDLE:
+            raise LocalProtocolError(f"start() in state {self._model.state.name}: started already")
+        self._started_at = self._budget_from = now
         self._fire_or_raise("start", "started by the application")
 
     @_api
@@ -512,8 +524,8 @@ class GatewayConnection:
             check_gateway_url(url)
         except InvalidResponse as err:
             raise LocalProtocolError(str(err)) from None
-        if session_start_limit is not None and type(session_start_limit) is not SessionStartLimit:
-            raise LocalProtocolError("session_start_limit must be a SessionStartLimit or None")
+        if session_start_limit is not None:
+            _check_start_limit(session_start_limit)
         now = self._clock(now)
         self._gateway_url = url
         if session_start_limit is not None:
@@ -631,9 +643,9 @@ class GatewayConnection:
         Raises:
             LocalProtocolError: no connection is being opened, or a wrong argument type.
         """
+        self._clock(now)
         if _check_attempt(attempt) != self._live_attempt:
             return
-        self._clock(now)
         self._fire_or_raise("transport_opened", "transport open")
 
     @_api
@@ -662,9 +674,9 @@ class GatewayConnection:
             code = int(code)
         if not _is_text(reason):
             raise LocalProtocolError("reason must be a str")
+        now = self._clock(now)
         if _check_attempt(attempt) != self._live_attempt:
             return
-        now = self._clock(now)
         self._live_attempt = None
         # A close frame is no sign of life of the *session*: a server that echoes our
         # closes while never acknowledging a beat must not look like a session that stayed up.
@@ -710,10 +722,11 @@ class GatewayConnection:
         """
         if type(payload) is not str and type(payload) is not bytes:
             raise LocalProtocolError(f"payload must be str or bytes, not {type(payload).__name__}")
+        if type(attempt) is not int:
+            _check_attempt(attempt)  # raises; True == 1 and 1.0 == 1 are no attempts
+        now = self._clock(now)  # checked even for a stale report: a misuse is a misuse
         if attempt != self._live_attempt:
-            _check_attempt(attempt)
             return
-        now = self._clock(now)
         state = self._model.state
         if state not in _RECEIVING:
             raise LocalProtocolError(f"receive() in state {state.name}: no transport is open")
@@ -760,9 +773,9 @@ class GatewayConnection:
         """
         if type(size) is not int or size < 0:
             raise LocalProtocolError("size must be a non-negative int")
+        now = self._clock(now)
         if _check_attempt(attempt) != self._live_attempt:
             return
-        now = self._clock(now)
         state = self._model.state
         if state not in _RECEIVING:
             raise LocalProtocolError(f"a message in state {state.name}: no transport is open")

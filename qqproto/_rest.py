@@ -119,7 +119,10 @@ def parse_expires_in(value: object) -> float:
         except ValueError:
             raise InvalidResponse("'expires_in' is not a number") from None
     elif isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond a float's range (10**400)
+            raise InvalidResponse("'expires_in' is out of range") from None
     else:
         raise InvalidResponse("'expires_in' is not a number")
     if not math.isfinite(number) or number < 0:
