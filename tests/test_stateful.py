@@ -4,16 +4,22 @@ from __future__ import annotations
 # server against one GatewayConnection, on a virtual clock (no sleeps, no wall clock).
 #
 # The driver part only calls verbs a correct driver would call in the current state, using
-# its own bookkeeping of the transport (opening / open / closing / gone) and of the requests
-# in flight; one extra rule (`any_verb_any_state`) calls any verb anyway and accepts only
-# success or LocalProtocolError (and then: nothing changed). The server part sends Hello,
-# READY, RESUMED, dispatches with good, repeated, lower and missing `s` and repeated ids,
-# ACKs (also unrequested), op 1, op 7, op 9, garbage, and closes with many codes.
+# its own bookkeeping of the transport (opening / open / closing / gone, and the attempt
+# number of each) and of the requests in flight; it fails requests (transient, refused token,
+# wrong credentials), refuses or fails identify permits, reports oversized messages, cancels
+# what the core abandons and sometimes reports it anyway, late. One extra rule
+# (`any_verb_any_state`) calls any verb anyway, also with arguments of the wrong type, and
+# accepts only success or LocalProtocolError (and then: nothing changed). The server part
+# sends Hello, READY, RESUMED, dispatches with good, repeated, lower and missing `s` and
+# repeated ids, ACKs (also unrequested), op 1, op 7, op 9, garbage, and closes with many codes.
 #
 # The model below mirrors what the core must do, and each output is checked as it comes out
-# of `drain()`. Failure messages name the DESIGN.md invariant ("Inv 1" ... "Inv 11") they
-# belong to. Times are compared exactly where the core computes them from the very floats we
-# passed in (beats, zombies), with EPS only where arithmetic differs.
+# of `drain()`, in order: the StateChanged an input causes comes before the events of that
+# input (Hello, READY, RESUMED, the zombie after its close frame, the Disconnected before
+# what settling it causes). Failure messages name the DESIGN.md invariant ("Inv 1" ...
+# "Inv 11") they belong to. The model replays the core's random draws (the first beat after
+# Hello, each jittered backoff) from a replica of its seeded generator, so beats, zombies and
+# delays are compared exactly, with EPS only where arithmetic differs.
 import json
 import math
 import random
@@ -33,6 +39,7 @@ from hypothesis.stateful import (
 
 from qqproto import (
     CLOSE_CODE_POLICY,
+    AbandonRequest,
     AbortTransport,
     CloseConnection,
     ClosePolicy,
@@ -40,6 +47,7 @@ from qqproto import (
     DisconnectStorm,
     Dispatch,
     DuplicateDropped,
+    FailureKind,
     FatalStop,
     FetchGateway,
     FetchToken,
@@ -51,6 +59,7 @@ from qqproto import (
     Opcode,
     OpenConnection,
     Output,
+    PayloadTooLarge,
     PersistSnapshot,
     ProtocolViolation,
     Ready,
@@ -72,11 +81,13 @@ from qqproto import (
 from qqproto._backoff import backoff_window
 from qqproto._close_codes import (
     APPLICATION_CLOSE,
+    CREDENTIALS_REJECTED,
     DEADLINE,
     INVALID_SESSION,
     INVALID_SESSION_RESUMABLE,
     RECONNECT_REQUEST,
     REQUEST_FAILED,
+    REQUEST_UNAUTHORIZED,
     SERVER_RESET,
     START_LIMIT_EXHAUSTED,
     ZOMBIE,
@@ -102,6 +113,33 @@ CLOSE_CODES = [None, 1000, 1006, 4000, 4004, 4006, 4007, 4008, 4009, 4900, 4902,
 CLOSE_CODES += [4001, 4013]
 HELLO_INTERVALS = [45000, 41250, 1, 1000, 30000, 1.5, 1e308, 0, -1, "45000", None, True]
 EXPIRES_IN: list[int | str] = [7200, "7200", "60", 0, "junk"]
+FAILURES = [FailureKind.TRANSIENT, FailureKind.TRANSIENT, FailureKind.AUTH, FailureKind.FATAL]
+FAILURE_POLICY = {
+    FailureKind.TRANSIENT: REQUEST_FAILED,
+    FailureKind.AUTH: REQUEST_UNAUTHORIZED,
+    FailureKind.FATAL: CREDENTIALS_REJECTED,
+}
+# The identify limiter's answers: a grant, a refusal until the budget resets, a failure.
+PERMIT_ANSWERS: list[float | str | None] = ["grant", "grant", 0.0, 5.0, 3600.0, None, None]
+TOO_LARGE = CFG.max_payload_size + 1
+MISUSE_VERBS = [
+    "provide_token('')",
+    "provide_token(bytes)",
+    "provide_gateway(https)",
+    "provide_gateway(port)",
+    "provide_gateway(limit=dict)",
+    "refuse_identify(-1)",
+    "refuse_identify()",
+    "request_failed(kind=str)",
+    "request_failed()",
+    "connection_closed('1000')",
+    "receive(int)",
+    "receive()",
+    "receive(attempt=True)",
+    "message_too_large(str)",
+    "close(end_session=str)",
+    "close(force=True)",
+]
 START_LIMITS = [
     None,
     None,
@@ -174,7 +212,9 @@ class Link:
     ka_alive: bool = False  # between Hello and our close frame (the core's Keepalive exists)
     ack_pending: bool = False
     last_beat_at: float | None = None  # the last *scheduled* beat
+    next_beat_at: float = math.inf  # when the next scheduled beat (or the zombie) falls due
     last_any_beat_at: float = -math.inf  # scheduled or answering op 1 (answers: 1 per second)
+    answer_at: float | None = None  # when a server op 1 still unanswered will be (1 s rule)
     last_acked_sent_at: float | None = None
     late_since_ack: bool = False  # a beat was sent by a late handle_timer since the last ACK
     auths: int = 0
@@ -194,6 +234,8 @@ class Settle:
     delay: float | None  # exact delay expected, or None for a full-jitter delay
     window: float
     attempt: int
+    by_server: bool
+    planned: bool  # a planned wait (the identify budget): health() calls it live
     seen_drop: bool = False
     seen_disconnected: bool = False
     seen_scheduled: bool = False
@@ -216,6 +258,9 @@ class GatewayMachine(RuleBasedStateMachine):
 
     def _new_connection(self, seed: int, snapshot: SessionSnapshot | None) -> None:
         self.conn = GatewayConnection(CFG, rng=random.Random(seed), snapshot=snapshot)
+        # The same draws as the core, in the same order: the first beat after each Hello,
+        # then each jittered backoff delay.
+        self.rng = random.Random(seed)
         self.started = True
         self.mstate = S.IDLE
         # Driver side.
@@ -224,6 +269,8 @@ class GatewayMachine(RuleBasedStateMachine):
         self.pending_token = False
         self.pending_gateway = False
         self.pending_permit = False
+        self.abandoned: set[str] = set()  # cancelled on AbandonRequest; may still report late
+        self.attempt = 0  # OpenConnection.attempt of the last transport asked for
         self.close_sent_at = 0.0
         self.close_code_sent = 0
         self.gateway_url: str | None = None
@@ -235,7 +282,7 @@ class GatewayMachine(RuleBasedStateMachine):
         self.force_token = False
         self.permit_granted = False
         self.limit_remaining: int | None = None
-        self.limit_reset_after = 0.0
+        self.limit_reset_at = 0.0  # absolute: when provide_gateway got it, plus reset_after
         # Session.
         self.session: str | None = snapshot.session_id if snapshot is not None else None
         self.seq: int | None = snapshot.seq if snapshot is not None else None
@@ -258,15 +305,29 @@ class GatewayMachine(RuleBasedStateMachine):
         self.failed_resumes = 0
         self.resumes_in_a_row = 0
         self.exit_policy: ClosePolicy | None = None
+        self.exit_by_server = False
+        self.exit_delay: float | None = None  # a fixed wait instead of the backoff
+        self.core_exhausted = False  # the core itself refused to Identify (budget spent)
         self.settle: Settle | None = None
+        # health(): the liveness budget runs from the start, the end of a planned wait, or
+        # the last moment the session was seen ready (READY, a counted ACK in READY).
+        self.budget_from = 0.0
+        self.live_at: float | None = None
+        self.planned_until: float | None = None
         # Context of the verb being run.
         self.cause: tuple[Any, ...] = ("init",)
         self.op9_policy: ClosePolicy = INVALID_SESSION
         self.ctx_timer = False
         self.ctx_on_time = True
         self.beats_this_call = 0
-        self.zombie_close_due = False
+        self.zombie_expected = False
         self.expected_interval: float | None = None
+        # Order within one drain(): the latest StateChanged, and what came after it.
+        self.change: tuple[SessionState, SessionState] | None = None
+        self.since_change = 0
+        self.close_since_change = False
+        self.abandon_due: str | None = None  # the AbandonRequest that must come next
+        self.drop_on_close = False  # close() in a CLOSING that ends the session
         self.ready_sent: tuple[str, int | None] | None = None
 
     def _call(
@@ -299,10 +360,19 @@ class GatewayMachine(RuleBasedStateMachine):
 
     def _observe(self) -> tuple[Any, ...]:
         c = self.conn
-        return (c.state, c.get_timer(), c.session_id, c.seq, c.heartbeat_interval, c.last_ack_at)
+        return (
+            c.state,
+            c.get_timer(),
+            c.session_id,
+            c.seq,
+            c.heartbeat_interval,
+            c.last_ack_at,
+            c.consecutive_failures,
+            c.health(self.now),
+        )
 
     def _expect_refused(self, verb: str, *args: Any, **kwargs: Any) -> None:
-        """Misuse: must raise LocalProtocolError and change nothing."""
+        """Misuse: must raise LocalProtocolError and change nothing (health included)."""
         before = self._observe()
         try:
             getattr(self.conn, verb)(*args, **kwargs)
@@ -327,16 +397,41 @@ class GatewayMachine(RuleBasedStateMachine):
     # ================================================================== output checking
 
     def _process(self, outs: list[Output]) -> None:
+        self.change = None
+        self.since_change = 0
+        self.close_since_change = False
+        entries: dict[SessionState, int] = {}
         for out in outs:
             self._check_secrets(out)
+            due = self.abandon_due
+            if due is not None:
+                self.abandon_due = None
+                assert out == AbandonRequest(request=due), (
+                    f"leaving PREPARING while awaiting the {due}: {out} instead of AbandonRequest"
+                )
             handler = self._HANDLERS.get(type(out))
-            if handler is not None:
-                handler(self, out)
+            assert handler is not None, f"an output nobody expects: {out}"
+            handler(self, out)
+            if isinstance(out, StateChanged):
+                self.change = (out.old, out.new)
+                self.since_change = 0
+                self.close_since_change = False
+                entries[out.new] = entries.get(out.new, 0) + 1
+            else:
+                self.since_change += 1
+        assert self.abandon_due is None, "Inv 11: left PREPARING without AbandonRequest"
         self._finish_settle()
-        assert not self.zombie_close_due, "Inv 2: ZombieDetected without a CloseConnection after"
+        # One input never spins the machine: each of BACKOFF and PREPARING at most once.
+        assert entries.get(S.BACKOFF, 0) <= 1, f"Inv 6: BACKOFF entered twice in one call {outs}"
+        assert entries.get(S.PREPARING, 0) <= 1, f"Inv 6: PREPARING twice in one call {outs}"
+        assert not self.drop_on_close, "SessionInvalidated expected after close() in CLOSING"
         assert self.conn.state is self.mstate, (
             f"Inv 11: state is {self.conn.state.name} but StateChanged said {self.mstate.name}"
         )
+
+    def _changed(self, *into: SessionState) -> bool:
+        """The latest StateChanged of this drain() led into one of ``into``."""
+        return self.change is not None and self.change[1] in into
 
     def _check_secrets(self, out: Output) -> None:
         _no_secret(repr(out), f"repr({type(out).__name__})")
@@ -358,6 +453,8 @@ class GatewayMachine(RuleBasedStateMachine):
         old, new = out.old, out.new
         self.mstate = new
         if old is S.PREPARING:
+            # Whatever is still awaited is abandoned, right after this StateChanged.
+            self.abandon_due = self.core_awaiting
             self.core_awaiting = None
             if new is S.CONNECTING:
                 self._check_token_usable()
@@ -369,33 +466,85 @@ class GatewayMachine(RuleBasedStateMachine):
                 assert self.scheduled_since_open, "Inv 6: left BACKOFF without ReconnectScheduled"
                 assert self.now >= self.backoff_at - EPS, "Inv 6: left BACKOFF before its delay"
                 self.backoff_passed = True
+            if self.planned_until is not None:
+                # The planned wait is over: the liveness budget starts again from here.
+                self.planned_until = None
+                self.budget_from = self.now
         if new is S.AWAITING_HELLO:
             assert old is S.CONNECTING, "transport opened outside CONNECTING"
+        if old is S.CONNECTING and new is S.BACKOFF:
+            # The connect failed or timed out: the URL may be what fails, so the next attempt
+            # asks for it again rather than dialling the same address forever.
+            self.gateway_url = None
+        if old is S.AWAITING_HELLO and new in (S.IDENTIFYING, S.RESUMING):
+            # The Hello was accepted: its keepalive starts now, its HelloReceived comes later
+            # in this drain (after the Identify or Resume the new state sends).
+            link = self.link
+            assert link is not None
+            assert link.hello_at is None, "Inv 1: two Hellos accepted on one connection"
+            assert self.expected_interval is not None, f"Hello accepted by {self.cause}"
+            link.hello_at = self.now
+            link.interval = self.expected_interval
+            link.ka_alive = True
+            link.next_beat_at = self.now + link.interval * self.rng.random()
         if new is S.READY:
             self.up_since = self.now
+            self.live_at = self.now
         if new in ENDING and self.link is not None:
             self.link.ka_alive = False
         if new in ENDING and old not in WINDING_DOWN:
             self.exit_policy = self._exit_policy(out)
         if new in (S.BACKOFF, S.STOPPED):
+            # Every end of a connection or attempt follows a deadline, a close (ours or the
+            # server's), or a failed request or permit; the budget check after an answer.
+            cause = self.cause[0]
+            assert cause in ("timer", "close", "app", "request_failed", "refuse") or (
+                cause in ("token", "gateway") and out.reason == START_LIMIT_EXHAUSTED.meaning
+            ), f"Inv 6: {new.name} entered after {self.cause}: neither a deadline nor a close"
             self._expect_settle(new)
+        if new is S.STOPPED:
+            self.planned_until = None
 
     def _exit_policy(self, out: StateChanged) -> ClosePolicy:
+        """Why the connection (or attempt) ends: from what caused it (``self.cause``).
+
+        Also decides ``exit_by_server`` and ``exit_delay``. Every end has a cause a driver
+        or a server produced: a deadline, a close, a server opcode, the application, or a
+        failed request or permit. Nothing else may move the machine towards BACKOFF/STOPPED.
+        """
+        self.exit_delay = None
+        self.core_exhausted = False
+        kind = self.cause[0]
         if out.reason == START_LIMIT_EXHAUSTED.meaning:
             assert self.limit_remaining is not None, "start limit exhausted with no limit known"
             assert self.limit_remaining <= 0, "Inv 6: start limit refused with budget left"
+            assert kind in ("token", "gateway", "timer"), f"budget checked after {self.cause}"
+            self.exit_by_server = True
+            self.core_exhausted = True
+            # The reset is a time (provide_gateway's clock plus reset_after), not a duration.
+            left = self.limit_reset_at - self.now
+            self.exit_delay = left if left > 0 else None
             return START_LIMIT_EXHAUSTED
-        kind = self.cause[0]
+        self.exit_by_server = kind in ("close", "op7", "hello", "op9", "request_failed")
+        if kind == "refuse":
+            retry_after = self.cause[1]
+            self.exit_by_server = retry_after is not None
+            if retry_after is None:
+                return REQUEST_FAILED
+            self.exit_delay = float(retry_after)
+            return START_LIMIT_EXHAUSTED
         policies: dict[str, ClosePolicy] = {
             "app": APPLICATION_CLOSE,
             "op7": RECONNECT_REQUEST,
             "hello": SERVER_RESET,
             "op9": self.op9_policy,
-            "request_failed": REQUEST_FAILED,
         }
+        if kind == "request_failed":
+            return FAILURE_POLICY[self.cause[1]]
         if kind == "close":
             return policy_for_close(self.cause[1])
         if kind == "timer":
+            # Our own deadlines and the ACK watchdog: not the server's doing.
             return ZOMBIE if out.new is S.ZOMBIE else DEADLINE
         assert kind in policies, (
             f"Inv 11: {out.old.name} -> {out.new.name} caused by {self.cause}, which cannot "
@@ -410,7 +559,7 @@ class GatewayMachine(RuleBasedStateMachine):
         if into is S.STOPPED:
             assert policy.step is NextStep.STOP, f"Inv 4: STOPPED after {policy.meaning!r}"
         # "Stayed up" is measured from READY to the server's last sign of life (a payload
-        # that decoded, or a close frame), not to when we noticed the end.
+        # that decoded; a close frame is not one), not to when we noticed the end.
         up, alive = self.up_since, self.alive_at
         stayed = up is not None and alive is not None and alive - up >= CFG.stable_after
         sent_resume = self.link is not None and self.link.sent_resume
@@ -441,9 +590,12 @@ class GatewayMachine(RuleBasedStateMachine):
         delay: float | None = None
         window = 0.0
         attempt = self.failures
+        planned = False
         if step is not NextStep.STOP:
-            if policy is START_LIMIT_EXHAUSTED and self.limit_reset_after > 0:
-                delay = self.limit_reset_after
+            if self.exit_delay is not None:
+                # A planned wait for the identify budget: exactly that long, not a failure.
+                delay = self.exit_delay
+                planned = True
             elif policy.rotation and stayed:
                 delay = 0.0
                 attempt = 0
@@ -456,7 +608,8 @@ class GatewayMachine(RuleBasedStateMachine):
                     window = backoff_window(
                         self.failures, base=CFG.backoff_base, cap=CFG.backoff_cap
                     )
-        if policy is START_LIMIT_EXHAUSTED:
+        if self.core_exhausted:
+            # The core forgets the spent limit and fetches it (and the URL) again.
             self.limit_remaining = None
             self.gateway_url = None
         self.settle = Settle(
@@ -468,6 +621,8 @@ class GatewayMachine(RuleBasedStateMachine):
             delay=delay,
             window=window,
             attempt=attempt,
+            by_server=self.exit_by_server,
+            planned=planned,
         )
 
     def _finish_settle(self) -> None:
@@ -503,6 +658,7 @@ class GatewayMachine(RuleBasedStateMachine):
 
     def _on_fetch_gateway(self, out: FetchGateway) -> None:
         assert self.mstate is S.PREPARING, "FetchGateway outside PREPARING"
+        assert self.gateway_url is None, "FetchGateway although a usable URL is cached"
         self.pending_gateway = True
         self.core_awaiting = "gateway"
 
@@ -526,11 +682,31 @@ class GatewayMachine(RuleBasedStateMachine):
                 "Inv 6: OpenConnection without passing a BACKOFF timer since the last connection"
             )
         self.opens += 1
+        assert out.attempt == self.opens, f"OpenConnection.attempt {out.attempt}, {self.opens} th"
+        self.attempt = out.attempt
         self.backoff_passed = False
         self.scheduled_since_open = False
         self.pending_open = True
         self.link_unreported = True
         self.link = Link(self.opens)
+
+    def _on_abandon(self, out: AbandonRequest) -> None:
+        # Where it may come (right after leaving PREPARING) is checked in _process.
+        what = out.request
+        pending = {
+            "token": self.pending_token,
+            "gateway": self.pending_gateway,
+            "permit": self.pending_permit,
+        }
+        assert pending[what], f"AbandonRequest for a {what} request not in flight"
+        # A good driver cancels it; the cancel may lose the race (see late_report_abandoned).
+        if what == "token":
+            self.pending_token = False
+        elif what == "gateway":
+            self.pending_gateway = False
+        else:
+            self.pending_permit = False
+        self.abandoned.add(what)
 
     def _on_send(self, out: SendPayload) -> None:
         assert self.transport == "open", (
@@ -581,9 +757,21 @@ class GatewayMachine(RuleBasedStateMachine):
             assert self.cause[0] == "op1", f"Inv 1: a beat sent in answer to {self.cause}"
             assert self.now - link.last_any_beat_at >= 1.0, "op 1 answered twice in 1 s"
             link.last_any_beat_at = self.now
+            link.answer_at = None
             return  # an answer to the server's op 1: extra, does not touch the schedule
         self.beats_this_call += 1
-        assert self.beats_this_call == 1, "Inv 1: two scheduled beats in one handle_timer call"
+        assert self.beats_this_call == 1, "Inv 1: two beats in one handle_timer call"
+        if self.now < link.next_beat_at:
+            # Not the schedule: the answer to a server op 1 that came too soon after a beat.
+            assert link.answer_at is not None, "Inv 1: a beat with nothing due"
+            assert self.now >= link.answer_at, "Inv 1: op 1 answered before its second was up"
+            if self.ctx_on_time:
+                assert self.now == link.answer_at, "Inv 1: op 1 answered later than 1 s after"
+            # (last + 1.0) - last may be one ulp short of 1.0
+            assert self.now - link.last_any_beat_at >= 1.0 - EPS, "op 1 answered twice in 1 s"
+            link.last_any_beat_at = self.now
+            link.answer_at = None
+            return
         assert not link.ack_pending, "Inv 2: a beat fell due unacknowledged but no zombie"
         if link.last_beat_at is None:
             assert self.now >= link.hello_at
@@ -591,17 +779,16 @@ class GatewayMachine(RuleBasedStateMachine):
                 assert self.now <= link.hello_at + link.interval, (
                     "Inv 1: the first beat came later than one interval after Hello"
                 )
-        else:
-            due = link.last_beat_at + link.interval
-            assert self.now >= due, "Inv 1: a scheduled beat came early"
-            if self.ctx_on_time:
-                assert self.now == due, (
-                    f"Inv 1: beats {self.now - link.last_beat_at} s apart, interval "
-                    f"{link.interval} s"
-                )
+        if self.ctx_on_time:
+            assert self.now == link.next_beat_at, (
+                f"Inv 1: a beat at {self.now}, due at {link.next_beat_at} (interval "
+                f"{link.interval} s)"
+            )
         link.ack_pending = True
         link.last_beat_at = self.now
         link.last_any_beat_at = self.now
+        link.next_beat_at = self.now + link.interval
+        link.answer_at = None  # a regular beat answers a pending op 1 too
         if not self.ctx_on_time:
             link.late_since_ack = True
 
@@ -617,7 +804,7 @@ class GatewayMachine(RuleBasedStateMachine):
         self.close_code_sent = out.code
         if self.link is not None:
             self.link.ka_alive = False
-        self.zombie_close_due = False
+        self.close_since_change = True
 
     def _on_abort(self, out: AbortTransport) -> None:
         if self.pending_open:
@@ -656,17 +843,19 @@ class GatewayMachine(RuleBasedStateMachine):
     def _on_hello(self, out: HelloReceived) -> None:
         link = self.link
         assert link is not None
-        assert self.mstate is S.AWAITING_HELLO, "Inv 1: HelloReceived outside AWAITING_HELLO"
-        assert link.hello_at is None, "Inv 1: two Hellos accepted on one connection"
-        assert out.heartbeat_interval == self.expected_interval, (
+        assert self.change is not None, "HelloReceived without its StateChanged"
+        assert self.change[0] is S.AWAITING_HELLO, "Inv 1: HelloReceived outside AWAITING_HELLO"
+        assert self._changed(S.IDENTIFYING, S.RESUMING), "HelloReceived before its StateChanged"
+        assert link.hello_at == self.now, "HelloReceived for another Hello"
+        assert out.heartbeat_interval == self.expected_interval == link.interval, (
             f"interval {out.heartbeat_interval}, expected {self.expected_interval}"
         )
-        link.hello_at = self.now
-        link.interval = out.heartbeat_interval
-        link.ka_alive = True
 
     def _on_ready(self, out: Ready) -> None:
-        assert self.mstate is S.IDENTIFYING, "READY accepted outside IDENTIFYING"
+        assert self.change == (S.IDENTIFYING, S.READY), (
+            f"Ready after StateChanged {self.change}: READY accepted outside IDENTIFYING, or "
+            "Ready before its StateChanged"
+        )
         assert self.session is None, "Inv 7: READY while an old session is held"
         assert (out.session_id, out.seq) == self.ready_sent, "Ready differs from READY sent"
         self.session = out.session_id
@@ -674,7 +863,10 @@ class GatewayMachine(RuleBasedStateMachine):
         self.gaps = set()
 
     def _on_resumed(self, out: Resumed) -> None:
-        assert self.mstate is S.RESUMING, "RESUMED accepted outside RESUMING"
+        assert self.change == (S.RESUMING, S.READY), (
+            f"Resumed after StateChanged {self.change}: RESUMED accepted outside RESUMING, or "
+            "Resumed before its StateChanged"
+        )
         assert self.session is not None
         assert self.link is not None
         assert out.seq == self.seq, f"Resumed.seq {out.seq}, expected {self.seq}"
@@ -699,6 +891,7 @@ class GatewayMachine(RuleBasedStateMachine):
                 self._once(self.delivered_msg, mid, "message id")
         if self.mstate is S.RESUMING and self.link is not None:
             self.link.replayed += 1
+        assert self.change is None, "a dispatch in the same drain() as a state change"
 
     def _once(self, seen: dict[str, float], key: str | None, what: str) -> None:
         if key is None:
@@ -729,16 +922,23 @@ class GatewayMachine(RuleBasedStateMachine):
         link.ack_pending = False
         link.last_acked_sent_at = link.last_beat_at
         link.late_since_ack = False
+        if self.mstate is S.READY:
+            self.live_at = self.now  # health() judges by the last ACK in READY
 
     def _on_zombie(self, out: ZombieDetected) -> None:
         link = self.link
         assert link is not None
         assert self.ctx_timer, f"Inv 2: ZombieDetected outside handle_timer ({self.cause})"
-        assert link.ka_alive, "Inv 2: ZombieDetected without a heartbeat schedule"
+        assert self.zombie_expected, "Inv 2: ZombieDetected without a heartbeat schedule"
+        self.zombie_expected = False
+        # After the StateChanged into ZOMBIE and after the close frame entering ZOMBIE sends.
+        assert self._changed(S.ZOMBIE), f"ZombieDetected after StateChanged {self.change}"
+        assert self.close_since_change, "Inv 2: ZombieDetected before its CloseConnection"
         assert link.ack_pending, "Inv 2: ZombieDetected although the last beat was ACKed"
         assert link.last_beat_at is not None
         assert link.hello_at is not None
-        due = link.last_beat_at + link.interval
+        due = link.next_beat_at
+        assert due == link.last_beat_at + link.interval
         assert self.now >= due, "Inv 2: zombie declared before the next beat fell due"
         if self.ctx_on_time:
             assert self.now == due, "Inv 2: zombie not declared when the next beat fell due"
@@ -749,14 +949,22 @@ class GatewayMachine(RuleBasedStateMachine):
                     "Inv 2: zombie detected more than 2 intervals after the last ACKed beat"
                 )
         assert out.interval == link.interval
-        self.zombie_close_due = True
 
     def _on_invalidated(self, out: SessionInvalidated) -> None:
         st_ = self.settle
-        assert st_ is not None, "Inv 5: SessionInvalidated outside a settle"
-        assert st_.drop, "Inv 4/5: session dropped, but the policy keeps it"
-        assert not st_.seen_drop
-        st_.seen_drop = True
+        if self.drop_on_close:
+            # close() during a CLOSING that ends the session (op 9 d=false): dropped now.
+            assert st_ is None, "SessionInvalidated of close() inside a settle"
+            assert self.cause[0] == "app", f"SessionInvalidated after {self.cause}"
+            self.drop_on_close = False
+        else:
+            assert st_ is not None, "Inv 5: SessionInvalidated outside a settle"
+            assert st_.drop, "Inv 4/5: session dropped, but the policy keeps it"
+            assert not st_.seen_drop
+            assert st_.seen_disconnected or not st_.disconnected, (
+                "SessionInvalidated before the Disconnected that caused it"
+            )
+            st_.seen_drop = True
         assert out.session_id == self.session, "Inv 5: SessionInvalidated for another session"
         assert out.last_seq == self.seq, (
             f"Inv 5: SessionInvalidated.last_seq {out.last_seq}, last delivered {self.seq}"
@@ -772,8 +980,15 @@ class GatewayMachine(RuleBasedStateMachine):
         assert not st_.seen_disconnected
         st_.seen_disconnected = True
         self.link_unreported = False
+        # First thing after the StateChanged into BACKOFF / STOPPED: before anything settling
+        # the disconnect causes (SessionInvalidated, DisconnectStorm, ReconnectScheduled...).
+        assert self.since_change == 0, "Disconnected after what settling it caused"
+        assert self._changed(S.BACKOFF, S.STOPPED)
         expected = NextStep.STOP if st_.into is S.STOPPED else st_.step
         assert out.next_step is expected, f"Inv 4: next step {out.next_step}, expected {expected}"
+        assert out.by_server is st_.by_server, (
+            f"Disconnected.by_server={out.by_server} after {self.cause} ({out.reason})"
+        )
         if st_.into is S.STOPPED:
             assert out.reconnect_at is None
 
@@ -782,30 +997,49 @@ class GatewayMachine(RuleBasedStateMachine):
         assert st_ is not None, "Inv 6: ReconnectScheduled outside a settle"
         assert st_.into is S.BACKOFF, "Inv 6: ReconnectScheduled while stopping"
         assert not st_.seen_scheduled
+        assert st_.seen_disconnected or not st_.disconnected, "ReconnectScheduled first"
         st_.seen_scheduled = True
         assert abs(out.at - (self.now + out.delay)) <= EPS, "Inv 6: ReconnectScheduled.at"
         assert out.attempt == st_.attempt, f"Inv 6: attempt {out.attempt}, expected {st_.attempt}"
         if st_.delay is not None:
             assert out.delay == st_.delay, f"Inv 6: delay {out.delay}, expected {st_.delay}"
         else:
-            assert 0 < out.delay < st_.window <= CFG.backoff_cap, (
-                f"Inv 6: delay {out.delay} outside (0, {st_.window}) after {out.attempt} failures"
+            # The same draw as the core's, from the replica of its generator.
+            expected = self.rng.random() * st_.window
+            assert 0 <= out.delay < st_.window <= CFG.backoff_cap, (
+                f"Inv 6: delay {out.delay} outside [0, {st_.window}) after {out.attempt} failures"
             )
+            assert out.delay == expected, f"Inv 6: delay {out.delay}, the draw gives {expected}"
+        if out.delay == 0:
+            # Never a tight loop: an immediate retry only for a rotation of a session that
+            # stayed up, or when the identify limiter says its budget resets now.
+            policy = self.exit_policy
+            rotation = policy is not None and policy.rotation and st_.attempt == 0
+            assert st_.planned or rotation, f"Inv 6: a reconnect without delay after {self.cause}"
         self.scheduled_since_open = True
         self.backoff_at = out.at
+        if st_.planned:
+            self.planned_until = out.at
 
     def _on_fatal(self, out: FatalStop) -> None:
         st_ = self.settle
         assert st_ is not None
         assert st_.fatal, "FatalStop although the application closed"
         assert not st_.seen_fatal
+        assert st_.seen_disconnected or not st_.disconnected, "FatalStop before Disconnected"
         st_.seen_fatal = True
+        if self.exit_policy is CREDENTIALS_REJECTED:
+            assert out.code is None
+            assert out.hint, "wrong credentials stop without a hint"
 
     def _on_violation(self, out: ProtocolViolation) -> None:
         assert out.kind == out.error.reason
 
     def _on_storm(self, out: DisconnectStorm) -> None:
         assert out.count >= CFG.storm_threshold
+        st_ = self.settle
+        assert st_ is not None, "DisconnectStorm outside a settle"
+        assert st_.seen_disconnected or not st_.disconnected, "DisconnectStorm before Disconnected"
 
     _HANDLERS: ClassVar[dict[type, Any]] = {
         StateChanged: _on_state_changed,
@@ -823,6 +1057,7 @@ class GatewayMachine(RuleBasedStateMachine):
         Dispatch: _on_dispatch,
         DuplicateDropped: _on_duplicate,
         HeartbeatAcknowledged: _on_ack,
+        AbandonRequest: _on_abandon,
         ZombieDetected: _on_zombie,
         SessionInvalidated: _on_invalidated,
         Disconnected: _on_disconnected,
@@ -835,6 +1070,7 @@ class GatewayMachine(RuleBasedStateMachine):
     # ================================================================== driver actions
 
     def _start(self, at: float) -> None:
+        self.budget_from = max(at, self.conn._now)
         self._call("start", at, cause=("start",))
 
     def _provide_token(self, expires_in: int | str, at: float) -> None:
@@ -861,7 +1097,8 @@ class GatewayMachine(RuleBasedStateMachine):
         self.pending_gateway = False
         if limit is not None:
             self.limit_remaining = limit.remaining
-            self.limit_reset_after = limit.reset_after
+            # What the core computes with the clock it keeps (at may be an older reading).
+            self.limit_reset_at = max(at, self.conn._now) + limit.reset_after
         if awaited:
             self.core_awaiting = None
         outs = self._call(
@@ -880,40 +1117,69 @@ class GatewayMachine(RuleBasedStateMachine):
         if not awaited:
             assert outs == [], f"an unawaited permit changed something: {outs}"
 
-    def _request_failed(self, what: str, at: float) -> None:
+    def _request_failed(self, what: str, at: float, kind: FailureKind) -> None:
         awaited = self.core_awaiting == what and self.mstate is S.PREPARING
         if what == "token":
             self.pending_token = False
         else:
             self.pending_gateway = False
+        if awaited:
+            self.core_awaiting = None  # answered (with a failure): nothing to abandon
         # The driver names the request, so a late failure of an abandoned one is ignored.
         outs = self._call(
             "request_failed",
-            f"{what} endpoint answered 503",
+            f"{what} endpoint answered {kind.value}",
             at,
-            cause=("request_failed",),
+            cause=("request_failed", kind),
             request=what,
+            kind=kind,
         )
         if awaited:
-            assert self.mstate is S.BACKOFF, "a failed request must back off"
+            # Wrong credentials stop; anything else backs off (a 401 refreshes the token).
+            expected = S.STOPPED if kind is FailureKind.FATAL else S.BACKOFF
+            assert self.mstate is expected, f"a {kind.name} failure led to {self.mstate.name}"
         else:
             assert outs == [], f"a stale request failure changed something: {outs}"
+
+    def _refuse(self, retry_after: float | None, at: float) -> None:
+        """The identify limiter refused (until ``retry_after``) or failed (``None``)."""
+        awaited = self.core_awaiting == "permit" and self.mstate is S.PREPARING
+        self.pending_permit = False
+        if awaited:
+            self.core_awaiting = None
+        outs = self._call(
+            "refuse_identify",
+            "daily budget spent" if retry_after is not None else "limiter store down",
+            at,
+            retry_after=retry_after,
+            cause=("refuse", retry_after),
+        )
+        if awaited:
+            assert self.mstate is S.BACKOFF, "a refused or failed permit must back off"
+        else:
+            assert outs == [], f"a late permit refusal changed something: {outs}"
 
     def _open_result(self, at: float, *, ok: bool) -> None:
         self.pending_open = False
         if ok:
             self.transport = "open"
-            self._call("connection_opened", at, cause=("opened",))
+            self._call("connection_opened", at, attempt=self.attempt, cause=("opened",))
             assert self.mstate is S.AWAITING_HELLO
         else:
-            self._call("connection_closed", None, "connect failed", at, cause=("close", None))
+            self._call(
+                "connection_closed",
+                None,
+                "connect failed",
+                at,
+                attempt=self.attempt,
+                cause=("close", None),
+            )
             assert self.mstate is S.BACKOFF
 
     def _transport_closed(self, code: int | None, at: float) -> None:
         state = self.mstate
         self.transport = None
-        if code is not None:
-            self.alive_at = self.now  # a close frame: the server was alive until now
+        # A close frame is no sign of life of the session: alive_at stays where it was.
         policy = self.exit_policy
         if (
             state in WINDING_DOWN
@@ -926,7 +1192,16 @@ class GatewayMachine(RuleBasedStateMachine):
             # The server answered our close with a documented code of its own: its verdict
             # replaces our reason for closing.
             self.exit_policy = CLOSE_CODE_POLICY[code]
-        outs = self._call("connection_closed", code, "server closed", at, cause=("close", code))
+            self.exit_by_server = True
+            self.exit_delay = None
+        outs = self._call(
+            "connection_closed",
+            code,
+            "server closed",
+            at,
+            attempt=self.attempt,
+            cause=("close", code),
+        )
         if state in LINKED:
             policy = policy_for_close(code)
             expected = S.STOPPED if policy.step is NextStep.STOP else S.BACKOFF
@@ -946,13 +1221,13 @@ class GatewayMachine(RuleBasedStateMachine):
         link = self.link
         zombie_due = beat_due = False
         if link is not None and link.ka_alive and link.hello_at is not None:
-            if link.last_beat_at is None:
-                beat_due = self.now >= link.hello_at + link.interval
-            else:
-                due = self.now >= link.last_beat_at + link.interval
-                zombie_due = due and link.ack_pending
-                beat_due = due and not link.ack_pending
+            due = self.now >= link.next_beat_at
+            zombie_due = due and link.ack_pending
+            answer_due = link.answer_at is not None and self.now >= link.answer_at
+            beat_due = (due and not link.ack_pending) or (answer_due and not zombie_due)
+        self.zombie_expected = zombie_due
         outs = self._call("handle_timer", self.now, cause=("timer",), timer=True, on_time=on_time)
+        self.zombie_expected = False
         after = self.conn.get_timer()
         assert after is None or after > self.now, (
             f"Inv 11: after handle_timer({self.now}) a timer is still due at {after} (hang)"
@@ -969,6 +1244,11 @@ class GatewayMachine(RuleBasedStateMachine):
     def _app_close(self, at: float, *, end_session: bool) -> None:
         state = self.mstate
         if state in WINDING_DOWN:
+            policy = self.exit_policy
+            assert policy is not None
+            # A close that ends the session (op 9 d=false) drops it now: a restart must not
+            # Resume it. Any other keeps it for the restart.
+            self.drop_on_close = policy.step is NextStep.IDENTIFY and self.session is not None
             self.exit_policy = APPLICATION_CLOSE  # the close in flight now ends in STOPPED
         outs = self._call("close", at, end_session=end_session, cause=("app", end_session))
         if state is S.STOPPED:
@@ -985,7 +1265,7 @@ class GatewayMachine(RuleBasedStateMachine):
             pass
         else:
             self.alive_at = self.now  # any payload that decodes is a sign of life
-        return self._call("receive", payload, self.now, cause=cause)
+        return self._call("receive", payload, self.now, attempt=self.attempt, cause=cause)
 
     def _feed_bad(self, payload: str | bytes, *, winding_ignored: bool) -> None:
         before = self._observe()
@@ -1080,25 +1360,62 @@ class GatewayMachine(RuleBasedStateMachine):
         self._start(self.now)
 
     @precondition(lambda self: self.pending_token)
-    @rule(expires_in=st.sampled_from(EXPIRES_IN), fail=st.sampled_from([False, False, True]))
-    def answer_token(self, expires_in: int | str, fail: bool) -> None:
-        if fail:
-            self._request_failed("token", self.now)
+    @rule(
+        expires_in=st.sampled_from(EXPIRES_IN),
+        fail=st.sampled_from([None, None, None, *FAILURES]),
+    )
+    def answer_token(self, expires_in: int | str, fail: FailureKind | None) -> None:
+        if fail is not None:
+            self._request_failed("token", self.now, fail)
         else:
             self._provide_token(expires_in, self.now)
 
     @precondition(lambda self: self.pending_gateway)
-    @rule(limit=st.sampled_from(START_LIMITS), fail=st.sampled_from([False, False, True]))
-    def answer_gateway(self, limit: SessionStartLimit | None, fail: bool) -> None:
-        if fail:
-            self._request_failed("gateway", self.now)
+    @rule(
+        limit=st.sampled_from(START_LIMITS),
+        fail=st.sampled_from([None, None, None, *FAILURES]),
+    )
+    def answer_gateway(self, limit: SessionStartLimit | None, fail: FailureKind | None) -> None:
+        if fail is not None:
+            self._request_failed("gateway", self.now, fail)
         else:
             self._provide_gateway(limit, self.now)
 
     @precondition(lambda self: self.pending_permit)
-    @rule()
-    def grant_permit(self) -> None:
-        self._grant(self.now)
+    @rule(answer=st.sampled_from(PERMIT_ANSWERS))
+    def answer_permit(self, answer: float | str | None) -> None:
+        """The identify limiter grants, refuses until its budget resets, or fails."""
+        self._answer_permit(answer)
+
+    def _answer_permit(self, answer: float | str | None) -> None:
+        if answer == "grant":
+            self._grant(self.now)
+        else:
+            assert not isinstance(answer, str)
+            self._refuse(answer, self.now)
+
+    @precondition(lambda self: bool(self.abandoned))
+    @rule(data=st.data())
+    def late_report_abandoned(self, data: st.DataObject) -> None:
+        """The cancel of an abandoned request lost the race: its answer arrives anyway."""
+        what = data.draw(st.sampled_from(sorted(self.abandoned)))
+        self.abandoned.discard(what)
+        if self.core_awaiting == what:
+            return  # indistinguishable from the answer to the request now in flight
+        how = data.draw(st.sampled_from(["ok", *FailureKind]))
+        if what == "permit":
+            if how == "ok":
+                self._expect_ignored("grant_identify", self.now)
+            else:
+                self._expect_ignored("refuse_identify", "late", self.now, retry_after=None)
+        elif how == "ok":
+            if what == "token":
+                self._provide_token(7200, self.now)
+            else:
+                self._provide_gateway(None, self.now)
+        else:
+            assert isinstance(how, FailureKind)
+            self._expect_ignored("request_failed", "late", self.now, request=what, kind=how)
 
     @precondition(lambda self: self.pending_open)
     @rule(ok=st.sampled_from([True, True, True, False]))
@@ -1110,16 +1427,19 @@ class GatewayMachine(RuleBasedStateMachine):
             self.pending_token or self.pending_gateway or self.pending_permit or self.pending_open
         )
     )
-    @rule()
-    def run_driver(self) -> None:
-        """Answer every pending request happily (gets deep states reachable in few steps)."""
+    @rule(permit=st.sampled_from(PERMIT_ANSWERS), limit=st.sampled_from(START_LIMITS))
+    def run_driver(self, permit: float | str | None, limit: SessionStartLimit | None) -> None:
+        """Answer every pending request happily (gets deep states reachable in few steps),
+        but the session start limit may be spent (``limit``) and the identify limiter may
+        refuse or fail (its answer is ``permit``)."""
         for _ in range(10):
             if self.pending_token:
                 self._provide_token("7200", self.now)
             elif self.pending_gateway:
-                self._provide_gateway(None, self.now)
+                self._provide_gateway(limit, self.now)
             elif self.pending_permit:
-                self._grant(self.now)
+                self._answer_permit(permit)
+                permit = "grant"
             elif self.pending_open:
                 self._open_result(self.now, ok=True)
             else:
@@ -1164,6 +1484,9 @@ class GatewayMachine(RuleBasedStateMachine):
     def advance_clock(self, dt: float, stalled: bool) -> None:
         """Time passes and nothing arrives. On time: the driver wakes at every timer. Stalled:
         the process was frozen for `dt` and then runs what fell due, late."""
+        self._advance(dt, stalled=stalled)
+
+    def _advance(self, dt: float, *, stalled: bool) -> None:
         target = self.now + dt
         if stalled:
             self.now = target
@@ -1195,7 +1518,9 @@ class GatewayMachine(RuleBasedStateMachine):
 
     @rule(end_session=st.booleans(), go=st.integers(0, 5))
     def app_close(self, end_session: bool, go: int) -> None:
-        if go:  # closing is terminal: do it in one step of six only
+        # Closing is terminal: do it in one step of six only; but during a close already in
+        # flight (op 7, op 9, the watchdog...) it only changes how that close ends.
+        if go and self.mstate not in WINDING_DOWN:
             return
         self._app_close(self.now, end_session=end_session)
 
@@ -1205,84 +1530,131 @@ class GatewayMachine(RuleBasedStateMachine):
         """A new process resumes from the last PersistSnapshot (invariant 9)."""
         self._new_connection(seed, self.last_snapshot)
 
+    def _verb_args(self, verb: str) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+        """The verb's name, its arguments before ``now``, and its keyword arguments."""
+        a = self.attempt
+        calls: dict[str, tuple[str, tuple[Any, ...], dict[str, Any]]] = {
+            "start": ("start", (), {}),
+            "provide_token": ("provide_token", ("TOKEN-SECRET-x", 7200), {}),
+            "provide_gateway": ("provide_gateway", (GATEWAY_URL,), {}),
+            "grant_identify": ("grant_identify", (), {}),
+            "refuse_identify": ("refuse_identify", ("spent",), {"retry_after": 30.0}),
+            "request_failed": (
+                "request_failed",
+                ("boom",),
+                {"request": "token", "kind": FailureKind.TRANSIENT},
+            ),
+            "connection_opened": ("connection_opened", (), {"attempt": a}),
+            "connection_closed": ("connection_closed", (None, "gone"), {"attempt": a}),
+            "receive": ("receive", ('{"op":11}',), {"attempt": a}),
+            "message_too_large": ("message_too_large", (TOO_LARGE,), {"attempt": a}),
+            "handle_timer": ("handle_timer", (), {}),
+            "close": ("close", (), {}),
+            # Misuse whatever the state: an argument of the wrong type, or one missing.
+            "provide_token('')": ("provide_token", ("", 7200), {}),
+            "provide_token(bytes)": ("provide_token", (b"TOKEN-SECRET-x", 7200), {}),
+            "provide_gateway(https)": ("provide_gateway", ("https://not-a-websocket.test",), {}),
+            "provide_gateway(port)": ("provide_gateway", ("wss://gateway.test:70000/",), {}),
+            "provide_gateway(limit=dict)": (
+                "provide_gateway",
+                (GATEWAY_URL,),
+                {"session_start_limit": {"remaining": 0}},
+            ),
+            "refuse_identify(-1)": ("refuse_identify", ("x",), {"retry_after": -1.0}),
+            "refuse_identify()": ("refuse_identify", ("x",), {}),
+            "request_failed(kind=str)": (
+                "request_failed",
+                ("x",),
+                {"request": "token", "kind": "transient"},
+            ),
+            "request_failed()": ("request_failed", ("x",), {}),
+            "connection_closed('1000')": ("connection_closed", ("1000", ""), {"attempt": a}),
+            "receive(int)": ("receive", (11,), {"attempt": a}),
+            "receive()": ("receive", ('{"op":11}',), {}),
+            "receive(attempt=True)": ("receive", ('{"op":11}',), {"attempt": True}),
+            "message_too_large(str)": ("message_too_large", ("big",), {"attempt": a}),
+            "close(end_session=str)": ("close", (), {"end_session": "no"}),
+            "close(force=True)": ("close", (), {"force": True}),
+        }
+        return calls[verb]
+
     @rule(
         verb=st.sampled_from(
             [
                 "start",
                 "provide_token",
-                "provide_token_empty",
                 "provide_gateway",
-                "provide_gateway_bad",
                 "grant_identify",
+                "refuse_identify",
                 "request_failed",
                 "connection_opened",
                 "connection_closed",
                 "receive",
+                "message_too_large",
                 "handle_timer",
                 "close",
+                *MISUSE_VERBS,
             ]
         ),
-        when=st.sampled_from(["now", "past", "nan", "inf", "-inf"]),
+        when=st.sampled_from(["now", "now", "past", "nan", "inf", "-inf", "str", "bool"]),
     )
     def any_verb_any_state(self, verb: str, when: str) -> None:
         """Any verb in any state: success (then checked as usual) or LocalProtocolError."""
-        args: dict[str, tuple[Any, ...]] = {
-            "start": (),
-            "provide_token": ("TOKEN-SECRET-x", 7200),
-            "provide_token_empty": ("", 7200),
-            "provide_gateway": (GATEWAY_URL,),
-            "provide_gateway_bad": ("https://not-a-websocket.test",),
-            "grant_identify": (),
-            "request_failed": ("boom",),
-            "connection_opened": (),
-            "connection_closed": (None, "gone"),
-            "receive": ('{"op":11}',),
-            "handle_timer": (),
-            "close": (),
-        }
-        name = verb.removesuffix("_empty").removesuffix("_bad")
-        if when in ("nan", "inf", "-inf"):
-            self._expect_refused(name, *args[verb], float(when))
+        name, args, kwargs = self._verb_args(verb)
+        bad_now: dict[str, Any] = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+        bad_now |= {"str": str(self.now), "bool": True}
+        if verb in MISUSE_VERBS:
+            now = bad_now.get(when, self.now)
+            self._expect_refused(name, *args, now, **kwargs)
+            return
+        if when in bad_now:
+            # Refused whatever the state: also a report about a transport given up on.
+            self._expect_refused(name, *args, bad_now[when], **kwargs)
             return
         at = self.now
         if when == "past" and self.conn._now == self.now:
             at = self.now - 3.0  # an older reading: the core keeps its clock monotonic
         state = self.mstate
-        if verb in ("provide_token_empty", "provide_gateway_bad"):
-            self._expect_refused(name, *args[verb], at)
-        elif verb == "start":
+        if verb == "start":
             if state is S.IDLE:
                 self._start(at)
             else:
-                self._expect_refused("start", at)
+                self._expect_refused("start", at)  # started already
         elif verb == "provide_token":
             self._provide_token(7200, at)
         elif verb == "provide_gateway":
             self._provide_gateway(None, at)
         elif verb == "grant_identify":
             self._grant(at)
+        elif verb == "refuse_identify":
+            self._refuse(30.0, at)
         elif verb == "request_failed":
             what = "token" if self.core_awaiting != "gateway" else "gateway"
-            self._request_failed(what, at)
+            self._request_failed(what, at, FailureKind.TRANSIENT)
         elif verb == "connection_opened":
             if self.pending_open:
                 self._open_result(at, ok=True)
+            elif self.transport is not None:
+                self._expect_refused(name, *args, at, **kwargs)  # open already
             else:
-                self._expect_refused("connection_opened", at)
+                self._expect_ignored(name, *args, at, **kwargs)  # an abandoned transport
         elif verb == "connection_closed":
             if self.pending_open:
                 self._open_result(at, ok=False)
             elif self.transport is not None:
                 self._transport_closed(None, at)
-            elif state is S.IDLE:
-                self._expect_refused("connection_closed", None, "gone", at)
             else:
-                self._expect_ignored("connection_closed", None, "gone", at)
-        elif verb == "receive":
+                self._expect_ignored(name, *args, at, **kwargs)
+        elif verb in ("receive", "message_too_large"):
             if self.transport is not None:
-                self._ack()
+                if verb == "receive":
+                    self._ack()
+                else:
+                    self._oversized(TOO_LARGE)
+            elif self.pending_open:
+                self._expect_refused(name, *args, at, **kwargs)  # nothing can have arrived
             else:
-                self._expect_refused("receive", '{"op":11}', at)
+                self._expect_ignored(name, *args, at, **kwargs)
         elif verb == "handle_timer":
             timer = self.conn.get_timer()
             if timer is not None and timer <= self.now:
@@ -1417,28 +1789,96 @@ class GatewayMachine(RuleBasedStateMachine):
         self._ack()
 
     @precondition(lambda self: self.transport is not None)
-    @rule()
-    def server_heartbeat_request(self) -> None:
-        """op 1 from the server: answer with one extra beat at once, schedule untouched."""
+    @rule(gaps=st.lists(st.sampled_from([0.0, 0.3, 0.99, 1.0, 2.5]), max_size=3))
+    def server_heartbeat_request(self, gaps: list[float]) -> None:
+        """op 1 from the server, or a burst of them `gaps` apart (timers run in between)."""
+        self._server_op1()
+        for gap in gaps:
+            self._advance(gap, stalled=False)
+            if self.transport is None:
+                return
+            self._server_op1()
+
+    def _server_op1(self) -> None:
+        """One op 1: one extra beat, at once or at most a second later; the regular schedule
+        untouched."""
         state = self.mstate
         link = self.link
         assert link is not None
-        schedule = (link.last_beat_at, link.ack_pending, self.conn.get_timer())
+        timer = self.conn.get_timer()
+        schedule = (link.last_beat_at, link.ack_pending, link.next_beat_at)
         answer = link.ka_alive and self.now - link.last_any_beat_at >= 1.0
+        if link.ka_alive and not answer and link.answer_at is None:
+            # Too soon after the last beat (a burst must not earn 4008): answered when that
+            # beat is a second old, or by a regular beat before then.
+            link.answer_at = link.last_any_beat_at + 1.0
         outs = self._feed('{"op":1,"d":null}', cause=("op1",))
         beats = [o for o in outs if isinstance(o, SendPayload)]
         if state in WINDING_DOWN:
             assert outs == [], f"winding down, op 1 must be ignored: {outs}"
         elif link.ka_alive:
-            # Answered at once, but at most one beat per second (a burst must not earn 4008).
             assert len(beats) == answer, f"Inv 1: op 1 answered {len(beats)} times"
             assert len(outs) == answer, f"op 1 produced {outs}"
         else:
             assert len(outs) == 1, f"op 1 before Hello: {outs}"
             assert isinstance(outs[0], ProtocolViolation)
-        assert (link.last_beat_at, link.ack_pending, self.conn.get_timer()) == schedule, (
+        assert (link.last_beat_at, link.ack_pending, link.next_beat_at) == schedule, (
             "Inv 1: answering op 1 moved the beat schedule"
         )
+        expected = timer
+        if link.ka_alive and link.answer_at is not None:
+            expected = link.answer_at if timer is None else min(timer, link.answer_at)
+        assert self.conn.get_timer() == expected, (
+            f"Inv 1: timer {self.conn.get_timer()} after op 1, expected {expected}"
+        )
+        if expected is not None and expected <= self.now:
+            # One ulp short of a second after the last beat: the answer is due right now.
+            self._run_timer(on_time=True)
+
+    @precondition(lambda self: self.transport is not None or self.pending_open)
+    @rule(size=st.sampled_from([TOO_LARGE, 64 << 20]))
+    def server_oversized(self, size: int) -> None:
+        """A message over max_payload_size the driver discarded unread."""
+        self._oversized(size)
+
+    def _oversized(self, size: int) -> None:
+        if self.pending_open:
+            # Nothing can have been received on a transport not open yet.
+            self._expect_refused("message_too_large", size, self.now, attempt=self.attempt)
+            return
+        before = self._observe()
+        # Not decoded, so no sign of life: alive_at stays.
+        outs = self._call(
+            "message_too_large", size, self.now, attempt=self.attempt, cause=("frame",)
+        )
+        assert len(outs) == 1, f"Inv 11: an oversized message must give one violation: {outs}"
+        (violation,) = outs
+        assert isinstance(violation, ProtocolViolation), outs
+        assert isinstance(violation.error, PayloadTooLarge), violation
+        assert (violation.error.size, violation.error.limit) == (size, CFG.max_payload_size)
+        assert self._observe() == before, "Inv 11: an oversized message changed the connection"
+
+    @precondition(lambda self: self.opens > 0)
+    @rule(report=st.sampled_from(["ack", "op7", "dispatch", "closed", "opened", "oversized"]))
+    def stale_transport_report(self, report: str) -> None:
+        """A report about a transport the core gave up on (aborted, or closed already)."""
+        live = self.transport is not None or self.pending_open
+        attempt = self.attempt - 1 if live else self.attempt
+        args: tuple[Any, ...]
+        if report in ("ack", "op7", "dispatch"):
+            payload = {
+                "ack": '{"op":11}',
+                "op7": '{"op":7}',
+                "dispatch": '{"op":0,"s":999999,"t":"GUILD_UPDATE","d":{}}',
+            }[report]
+            verb, args = "receive", (payload, self.now)
+        elif report == "closed":
+            verb, args = "connection_closed", (4914, "late", self.now)
+        elif report == "opened":
+            verb, args = "connection_opened", (self.now,)
+        else:
+            verb, args = "message_too_large", (TOO_LARGE, self.now)
+        self._expect_ignored(verb, *args, attempt=attempt)
 
     @precondition(lambda self: self.transport is not None)
     @rule()
@@ -1535,9 +1975,15 @@ class GatewayMachine(RuleBasedStateMachine):
         )
         if link is None or not alive or link.hello_at is None:
             return
-        ref = link.last_beat_at if link.last_beat_at is not None else link.hello_at
-        assert self.now < ref + link.interval, (
+        assert self.now < link.next_beat_at, (
             "Inv 1/2: a beat (or the zombie check) is overdue but was not run"
+        )
+        assert link.answer_at is None or self.now < link.answer_at, (
+            "Inv 1: a server op 1 is still unanswered a second after the last beat"
+        )
+        ref = link.hello_at if link.last_beat_at is None else link.last_beat_at
+        assert link.next_beat_at <= ref + link.interval, (
+            "Inv 1: the next beat is more than one interval away"
         )
 
     @invariant()
@@ -1546,6 +1992,36 @@ class GatewayMachine(RuleBasedStateMachine):
             return
         assert self.now <= self.close_sent_at + CFG.close_timeout + EPS, (
             "Inv 2: the close handshake outlived close_timeout without AbortTransport"
+        )
+
+    @invariant()
+    def health_follows_the_plan(self) -> None:
+        """Live while a bounded wait lasts, or a planned one (the identify budget)."""
+        if not self.started:
+            return
+        health = self.conn.health(self.now)
+        state = self.mstate
+        if state is S.IDLE:
+            assert health.live, "health: IDLE is live (not started)"
+            return
+        if state is S.STOPPED:
+            assert not health.live, "health: STOPPED is never live"
+            assert not health.ready
+            return
+        if health.ready:
+            assert state is S.READY, f"health: ready in {state.name}"
+            return
+        if state is S.BACKOFF and self.planned_until is not None:
+            assert health.live, "health: a planned wait for the identify budget is live"
+            assert "identify budget" in health.reason, health.reason
+            return
+        ref = self.budget_from if self.live_at is None else max(self.live_at, self.budget_from)
+        live = self.now - ref <= CFG.liveness_budget
+        assert health.live == live, (
+            f"health: live={health.live} in {state.name}, {self.now - ref:.1f} s after "
+            f"{'READY' if self.live_at is not None else 'the start or a planned wait'} "
+            f"(core: {self.conn._budget_from}, {self.conn._live_at}; model: {self.budget_from}, "
+            f"{self.live_at}; now {self.now})"
         )
 
     @invariant()
@@ -1604,12 +2080,16 @@ def test_stale_request_failure_does_not_fail_the_next_request() -> None:
     assert any(isinstance(o, FetchGateway) for o in conn.drain())
     conn.handle_timer(CFG.http_timeout)  # the gateway request hangs: the core backs off
     assert _state(conn) is S.BACKOFF
+    assert AbandonRequest(request="gateway") in conn.drain()  # and says so
     timer = conn.get_timer()
     assert timer is not None
     conn.handle_timer(timer)  # the token now has < 60 s left: FetchToken
     assert any(isinstance(o, FetchToken) for o in conn.drain())
     # The old request, at last: named, it is told apart from the token request now awaited.
-    conn.request_failed("gateway endpoint timed out", timer, request="gateway")
+    conn.request_failed(
+        "gateway endpoint timed out", timer, request="gateway", kind=FailureKind.FATAL
+    )
+    assert conn.drain() == []
     assert _state(conn) is S.PREPARING
 
 
@@ -1619,13 +2099,14 @@ def test_same_seq_is_not_delivered_twice_in_one_session() -> None:
     conn.provide_token(f"{TOKEN_MARK}1", 7200, 0.0)
     conn.provide_gateway(GATEWAY_URL, 0.0)
     conn.grant_identify(0.0)
-    conn.connection_opened(0.0)
-    conn.receive('{"op":10,"d":{"heartbeat_interval":45000}}', 0.0)
-    conn.receive('{"op":0,"s":1,"t":"READY","d":{"session_id":"S1"}}', 0.0)
+    conn.connection_opened(0.0, attempt=1)
+    conn.receive('{"op":10,"d":{"heartbeat_interval":45000}}', 0.0, attempt=1)
+    conn.receive('{"op":0,"s":1,"t":"READY","d":{"session_id":"S1"}}', 0.0, attempt=1)
     conn.drain()
     delivered = []
     for event_id in ("e1", "e2"):  # the same s=2 twice: one event id is new, one is not
-        conn.receive(f'{{"op":0,"s":2,"t":"GUILD_UPDATE","id":"{event_id}","d":{{}}}}', 1.0)
+        frame = f'{{"op":0,"s":2,"t":"GUILD_UPDATE","id":"{event_id}","d":{{}}}}'
+        conn.receive(frame, 1.0, attempt=1)
         delivered += [o.seq for o in conn.drain() if isinstance(o, Dispatch)]
     assert delivered == [2]  # actual: [2, 2]
 
@@ -1636,9 +2117,9 @@ def test_timer_after_absurd_hello_interval_is_usable() -> None:
     conn.provide_token(f"{TOKEN_MARK}1", 7200, 0.0)
     conn.provide_gateway(GATEWAY_URL, 0.0)
     conn.grant_identify(0.0)
-    conn.connection_opened(0.0)
-    conn.receive('{"op":10,"d":{"heartbeat_interval":1e16}}', 0.0)
-    conn.receive('{"op":0,"s":1,"t":"READY","d":{"session_id":"S1"}}', 0.0)
+    conn.connection_opened(0.0, attempt=1)
+    conn.receive('{"op":10,"d":{"heartbeat_interval":1e16}}', 0.0, attempt=1)
+    conn.receive('{"op":0,"s":1,"t":"READY","d":{"session_id":"S1"}}', 0.0, attempt=1)
     timer = conn.get_timer()
     assert timer is not None
     conn.handle_timer(timer)  # LocalProtocolError: "now=8444218515250.481 is not a ... reading"
