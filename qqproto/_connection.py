@@ -556,7 +556,8 @@ class GatewayConnection:
             reason: why, for events and logs (it must not hold a secret).
             now: the caller's clock.
             retry_after: seconds until a permit can be had (the daily budget resets then), or
-                ``None`` when the limiter failed (its store is down, say).
+                ``None`` when the limiter failed (its store is down, say). ``0`` backs off
+                like a failure: "retry at once" must not become a tight loop.
 
         With ``retry_after`` the attempt waits exactly that long, a planned wait that
         :meth:`health` calls live; without it, it backs off like any failed attempt. A
@@ -574,7 +575,9 @@ class GatewayConnection:
         if self._awaiting != "permit" or self._model.state is not _S.PREPARING:
             return
         self._awaiting = None
-        if retry_after is None:
+        # "Retry at once" is no planned wait: a limiter that keeps saying it would otherwise
+        # cycle PREPARING and BACKOFF as fast as it answers. Back off like a failure instead.
+        if retry_after is None or retry_after <= 0:
             self._exit = _Exit(
                 REQUEST_FAILED, None, f"identify permit failed: {reason}", by_server=False
             )

@@ -473,3 +473,13 @@ def test_a_gateway_url_that_cannot_be_reached_is_asked_for_again() -> None:
     drv.advance_to_timer()  # the backoff
     fetches = len([o for o in drv.outputs if type(o).__name__ == "FetchGateway"])
     assert fetches == 2
+
+
+def test_a_limiter_that_says_retry_now_gets_a_growing_backoff_not_a_loop() -> None:
+    drv = Driver(seed=23, auto_permit=False)
+    drv.start()
+    for attempt in (1, 2, 3):
+        drv.conn.refuse_identify("budget resets now", drv.now, retry_after=0.0)
+        drv.pump()
+        assert drv.of(ReconnectScheduled)[-1].attempt == attempt
+        drv.advance_to_timer()

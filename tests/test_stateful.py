@@ -528,6 +528,9 @@ class GatewayMachine(RuleBasedStateMachine):
         self.exit_by_server = kind in ("close", "op7", "hello", "op9", "request_failed")
         if kind == "refuse":
             retry_after = self.cause[1]
+            # "Retry now" (0) is no planned wait: it backs off like a failed limiter.
+            if retry_after is not None and float(retry_after) <= 0:
+                retry_after = None
             self.exit_by_server = retry_after is not None
             if retry_after is None:
                 return REQUEST_FAILED

@@ -851,9 +851,7 @@ def _expect_specific(builder: Builder, inp: Input, awaited: str | None, outs: li
         (scheduled,) = (o for o in outs if isinstance(o, ReconnectScheduled))
         if name == "refuse_identify(3600)":
             assert scheduled.delay == 3600.0, scheduled
-        elif name == "refuse_identify(0)":
-            assert scheduled.delay == 0.0, scheduled
-        else:
+        else:  # "retry now" (0) backs off like a failure: no tight loop
             assert 0 < scheduled.delay <= SessionConfig().backoff_base, scheduled
     if name == "message_too_large" and builder.state in RECEIVING:
         (violation,) = outs
