@@ -225,13 +225,12 @@ def _check_proxy_environment(proxy: str | None) -> None:
     """A proxy from HTTPS_PROXY/ALL_PROXY is an option too: a bad one is a usage error."""
     if proxy is not None:
         return
-    from qqproto_io._proxy import proxy_from_env  # noqa: PLC0415
+    from qqproto_io._proxy import PROXY_VARIABLES, proxy_from_env  # noqa: PLC0415
 
     try:
         proxy_from_env()
     except ValueError as exc:
-        names = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-        name = next((n for n in names if os.environ.get(n)), "the proxy variable")
+        name = next((n for n in PROXY_VARIABLES if os.environ.get(n)), "the proxy variable")
         raise UsageError(f"{name}={os.environ.get(name, '')}: {exc}") from None
 
 

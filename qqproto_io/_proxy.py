@@ -127,11 +127,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+"""The variables that name a proxy, in the order they are looked at."""
+
+
 def proxy_from_env(environ: Mapping[str, str] | None = None) -> ProxyConfig | None:
     """The proxy named by ``HTTPS_PROXY``/``ALL_PROXY`` (either case), with ``NO_PROXY``."""
     env = os.environ if environ is None else environ
     url = None
-    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+    for name in PROXY_VARIABLES:
         if env.get(name):
             url = env[name]
             break
