@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from enum import Enum
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from qqproto._errors import LocalProtocolError, RemoteProtocolError
 from qqproto._outputs import Dispatch
@@ -32,6 +32,13 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from qqproto._codec import JSONValue
+    from qqproto._replies import (
+        InteractionResult,
+        MediaType,
+        MessageBody,
+        SendDelivered,
+        UploadedMedia,
+    )
 
 __all__ = [
     "MESSAGE_EVENT_TYPES",
@@ -45,6 +52,7 @@ __all__ = [
     "InvalidMessage",
     "Mention",
     "Message",
+    "Responder",
     "Scene",
     "parse_interaction",
     "parse_message",
@@ -161,6 +169,40 @@ class Mention:
     everyone: bool
 
 
+class Responder(Protocol):
+    """Who sends what :meth:`Message.reply` and its kin ask for: the IO layer.
+
+    ``qqproto_io.GatewayClient`` binds one to every message it hands its handlers (and to
+    what :meth:`~qqproto_io.GatewayClient.message` returns); ``parse_message`` alone binds
+    none. Implement it to give messages parsed in your own IO framework the same verbs.
+    """
+
+    async def reply(
+        self, target: Message | Interaction, body: str | MessageBody
+    ) -> SendDelivered:  # pragma: no cover - a protocol
+        """Send ``body`` as a passive reply to ``target``; return once it is delivered."""
+        ...
+
+    async def upload(
+        self, target: Message | Interaction, url: str, file_type: MediaType
+    ) -> UploadedMedia:  # pragma: no cover - a protocol
+        """Upload the file at ``url`` for a rich-media reply in ``target``'s conversation."""
+        ...
+
+    async def acknowledge(
+        self, interaction: Interaction, result: InteractionResult | None
+    ) -> None:  # pragma: no cover - a protocol
+        """Acknowledge ``interaction`` with ``result`` (``None``: success)."""
+        ...
+
+
+def _unbound(what: str) -> LocalProtocolError:
+    return LocalProtocolError(
+        f"this {what} has no responder: parse_message() alone gives plain values; take it "
+        "from a GatewayClient handler or GatewayClient.message(), or pass responder="
+    )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Message:
     """What every message event has; the subclasses add where it was sent.
@@ -176,6 +218,7 @@ class Message:
         author: the sender.
         attachments: the files attached, possibly none; not in the repr.
         raw: the ``d`` object itself, for fields not typed here; not in the repr.
+        responder: who sends its replies (see :class:`Responder`), or ``None``.
         scene: where it was sent (a class attribute of each subclass).
     """
 
@@ -188,6 +231,36 @@ class Message:
     author: Author
     attachments: tuple[Attachment, ...] = field(repr=False)
     raw: Mapping[str, JSONValue] = field(repr=False, compare=False)
+    responder: Responder | None = field(default=None, repr=False, compare=False)
+
+    async def reply(self, body: str | MessageBody) -> SendDelivered:
+        """Answer this message: text, or any :class:`~qqproto.MessageBody`.
+
+        The reply names this message (``msg_id``) and the next ``msg_seq``; it is retried
+        safely and delivered at most once. ``await`` returns once the platform has it.
+
+        Raises:
+            ReplyRefused: the platform would refuse it (the window closed, the replies to
+                this message are used up, the scene has no such body); nothing was sent.
+            LocalProtocolError: the message has no :attr:`responder`.
+            Exception: what the responder raises when the send fails (for the
+                ``GatewayClient``: ``qqproto.ApiError`` or ``qqproto_io.HttpFailure``).
+        """
+        if self.responder is None:
+            raise _unbound("message")
+        return await self.responder.reply(self, body)
+
+    async def upload(self, url: str, file_type: MediaType) -> UploadedMedia:
+        """Upload the file at ``url`` (the platform fetches it) for a rich-media reply:
+        ``await message.reply(MessageBody.media(uploaded))``. C2C and groups only.
+
+        Raises:
+            ReplyRefused: a guild scene (no uploads there).
+            LocalProtocolError: the message has no :attr:`responder`.
+        """
+        if self.responder is None:
+            raise _unbound("message")
+        return await self.responder.upload(self, url, file_type)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -285,6 +358,8 @@ class Interaction:
         resolved_message_id: ``data.resolved.message_id`` (guilds only), if sent.
         feature_id: ``data.resolved.feature_id`` (custom menus), if sent.
         raw: the ``d`` object itself; not in the repr.
+        responder: who sends its acknowledgement and replies (see :class:`Responder`), or
+            ``None``.
     """
 
     id: str
@@ -303,6 +378,25 @@ class Interaction:
     resolved_message_id: str | None
     feature_id: str | None
     raw: Mapping[str, JSONValue] = field(repr=False, compare=False)
+    responder: Responder | None = field(default=None, repr=False, compare=False)
+
+    async def acknowledge(self, result: InteractionResult | None = None) -> None:
+        """Tell the platform the click was handled (``PUT /interactions/{id}``); until then
+        the user's button shows loading. ``None`` is ``InteractionResult.SUCCESS``.
+
+        Raises:
+            LocalProtocolError: the interaction has no :attr:`responder`.
+        """
+        if self.responder is None:
+            raise _unbound("interaction")
+        await self.responder.acknowledge(self, result)
+
+    async def reply(self, body: str | MessageBody) -> SendDelivered:
+        """Answer the interaction in its conversation (by ``event_id``), like
+        :meth:`Message.reply`."""
+        if self.responder is None:
+            raise _unbound("interaction")
+        return await self.responder.reply(self, body)
 
 
 # ------------------------------------------------------------------------------ reading
@@ -453,7 +547,9 @@ class _Basics:
         self.attachments = _attachments(d)
 
 
-def _c2c(t: str, event_id: str | None, d: _Reader, raw: Mapping[str, JSONValue]) -> Message:
+def _c2c(
+    t: str, event_id: str | None, d: _Reader, raw: Mapping[str, JSONValue], r: Responder | None
+) -> Message:
     b = _Basics(d)
     author = d.required_child("author")
     return C2CMessage(
@@ -466,10 +562,13 @@ def _c2c(t: str, event_id: str | None, d: _Reader, raw: Mapping[str, JSONValue])
         author=_author(author, "user_openid"),
         user_openid=author.required_id("user_openid"),
         raw=raw,
+        responder=r,
     )
 
 
-def _group(t: str, event_id: str | None, d: _Reader, raw: Mapping[str, JSONValue]) -> Message:
+def _group(
+    t: str, event_id: str | None, d: _Reader, raw: Mapping[str, JSONValue], r: Responder | None
+) -> Message:
     b = _Basics(d)
     author = _author(d.child("author"), "member_openid")
     return GroupMessage(
@@ -484,10 +583,13 @@ def _group(t: str, event_id: str | None, d: _Reader, raw: Mapping[str, JSONValue
         member_openid=author.openid,
         mentions=_mentions(d),
         raw=raw,
+        responder=r,
     )
 
 
-def _channel(t: str, event_id: str | None, d: _Reader, raw: Mapping[str, JSONValue]) -> Message:
+def _channel(
+    t: str, event_id: str | None, d: _Reader, raw: Mapping[str, JSONValue], r: Responder | None
+) -> Message:
     b = _Basics(d)
     return ChannelMessage(
         type=t,
@@ -503,10 +605,13 @@ def _channel(t: str, event_id: str | None, d: _Reader, raw: Mapping[str, JSONVal
         mention_everyone=d.boolean("mention_everyone"),
         seq_in_channel=d.text("seq_in_channel"),
         raw=raw,
+        responder=r,
     )
 
 
-def _direct(t: str, event_id: str | None, d: _Reader, raw: Mapping[str, JSONValue]) -> Message:
+def _direct(
+    t: str, event_id: str | None, d: _Reader, raw: Mapping[str, JSONValue], r: Responder | None
+) -> Message:
     b = _Basics(d)
     return DirectMessage(
         type=t,
@@ -520,6 +625,7 @@ def _direct(t: str, event_id: str | None, d: _Reader, raw: Mapping[str, JSONValu
         channel_id=d.text("channel_id"),
         src_guild_id=d.text("src_guild_id"),
         raw=raw,
+        responder=r,
     )
 
 
@@ -539,8 +645,12 @@ _CHAT_TYPES = {0: Scene.CHANNEL, 1: Scene.GROUP, 2: Scene.C2C}
 _SCENE_NAMES = {"guild": Scene.CHANNEL, "group": Scene.GROUP, "c2c": Scene.C2C}
 
 
-def _check(dispatch: object) -> Dispatch:
+def _check(dispatch: object, responder: object) -> Dispatch:
     # A Dispatch from the core always passes; one built by hand (from a webhook) may not.
+    if responder is not None and not all(
+        callable(getattr(responder, verb, None)) for verb in ("reply", "upload", "acknowledge")
+    ):
+        raise LocalProtocolError("responder must have reply, upload and acknowledge methods")
     if not isinstance(dispatch, Dispatch):
         raise LocalProtocolError("pass a qqproto.Dispatch (from GatewayConnection.drain())")
     if type(dispatch.type) is not str or not (
@@ -550,7 +660,7 @@ def _check(dispatch: object) -> Dispatch:
     return dispatch
 
 
-def parse_message(dispatch: Dispatch) -> Message | None:
+def parse_message(dispatch: Dispatch, *, responder: Responder | None = None) -> Message | None:
     """Read a message event, or return ``None`` for any other dispatch.
 
     Nothing is parsed until this is called, and nothing is cached: call it once per
@@ -558,6 +668,7 @@ def parse_message(dispatch: Dispatch) -> Message | None:
 
     Args:
         dispatch: a :class:`~qqproto.Dispatch` from the core, or one built from a webhook.
+        responder: what :meth:`Message.reply` uses; ``None`` for a plain value.
 
     Returns:
         A :class:`C2CMessage`, :class:`GroupMessage`, :class:`ChannelMessage` or
@@ -570,21 +681,25 @@ def parse_message(dispatch: Dispatch) -> Message | None:
             type. Only this: any other exception would be a bug.
         LocalProtocolError: ``dispatch`` is not a ``Dispatch``.
     """
-    dispatch = _check(dispatch)
+    dispatch = _check(dispatch, responder)
     parser = _PARSERS.get(dispatch.type)
     if parser is None:
         return None
     data = dispatch.data
     if not isinstance(data, dict):
         raise InvalidMessage(dispatch.type, None, "is not an object")
-    return parser(dispatch.type, dispatch.event_id, _Reader(dispatch.type, data), data)
+    reader = _Reader(dispatch.type, data)
+    return parser(dispatch.type, dispatch.event_id, reader, data, responder)
 
 
-def parse_interaction(dispatch: Dispatch) -> Interaction | None:
+def parse_interaction(
+    dispatch: Dispatch, *, responder: Responder | None = None
+) -> Interaction | None:
     """Read an ``INTERACTION_CREATE`` event, or return ``None`` for any other dispatch.
 
     Args:
         dispatch: a :class:`~qqproto.Dispatch` from the core, or one built from a webhook.
+        responder: what :meth:`Interaction.acknowledge` and ``reply`` use.
 
     Returns:
         The :class:`Interaction`, or ``None`` when ``dispatch`` is of another type.
@@ -593,7 +708,7 @@ def parse_interaction(dispatch: Dispatch) -> Interaction | None:
         InvalidMessage: ``d`` has no ``id`` or a known field of the wrong type.
         LocalProtocolError: ``dispatch`` is not a ``Dispatch``.
     """
-    dispatch = _check(dispatch)
+    dispatch = _check(dispatch, responder)
     t = dispatch.type
     if t != "INTERACTION_CREATE":
         return None
@@ -625,4 +740,5 @@ def parse_interaction(dispatch: Dispatch) -> Interaction | None:
         resolved_message_id=r.text("message_id"),
         feature_id=r.text("feature_id"),
         raw=data,
+        responder=responder,
     )

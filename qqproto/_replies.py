@@ -866,6 +866,9 @@ class ApiError(QQProtoError):
         method: the request's method.
         path: the request's path.
         retry_after: the ``Retry-After`` header in seconds, or ``None``.
+        maybe_delivered: set by the :class:`Outbox` when it gives up: an earlier try of
+            the send may have reached the user all the same (a 5xx to a send that cannot
+            be retried). ``False`` otherwise.
     """
 
     def __init__(
@@ -888,6 +891,7 @@ class ApiError(QQProtoError):
         self.method = method
         self.path = path
         self.retry_after = retry_after
+        self.maybe_delivered = False
         meaning = _CODES[code][1] if code in _CODES else kind.value.replace("_", " ")
         text = f"{method} {path}: HTTP {status}, code {code} ({meaning})"
         super().__init__(text + (f", trace id {trace_id}" if trace_id else ""))
@@ -1335,6 +1339,8 @@ class Outbox:
 
     def _fail(self, ticket: int, t: _Ticket, reason: str, error: ApiError | None) -> SendFailed:
         del self._tickets[ticket]
+        if error is not None:
+            error.maybe_delivered = t.maybe_delivered
         return SendFailed(
             ticket=ticket,
             attempts=t.attempt,

@@ -24,11 +24,13 @@ if TYPE_CHECKING:
         DEFAULT_API_BASE,
         DEFAULT_TOKEN_URL,
         SANDBOX_API_BASE,
+        ApiAnswer,
         Credentials,
         HttpFailure,
         RestApi,
         TokenSource,
     )
+    from qqproto_io._messaging import Messenger
     from qqproto_io._proxy import ProxyConfig, ProxyError, proxy_from_env
     from qqproto_io._redis import RedisIdentifyLimiter, RedisSnapshotStore
     from qqproto_io._shards import ShardPlan
@@ -48,6 +50,7 @@ __all__ = [
     "DEFAULT_API_BASE",
     "DEFAULT_TOKEN_URL",
     "SANDBOX_API_BASE",
+    "ApiAnswer",
     "Credentials",
     "FakeGatewayServer",
     "FatalStopError",
@@ -58,6 +61,7 @@ __all__ = [
     "IdentifyBudgetExhausted",
     "IdentifyLimiter",
     "LocalIdentifyLimiter",
+    "Messenger",
     "Metrics",
     "ProxyConfig",
     "ProxyError",
@@ -94,10 +98,12 @@ _HOME = {
     "DEFAULT_API_BASE": "_http",
     "DEFAULT_TOKEN_URL": "_http",
     "SANDBOX_API_BASE": "_http",
+    "ApiAnswer": "_http",
     "Credentials": "_http",
     "HttpFailure": "_http",
     "RestApi": "_http",
     "TokenSource": "_http",
+    "Messenger": "_messaging",
     "ProxyConfig": "_proxy",
     "ProxyError": "_proxy",
     "proxy_from_env": "_proxy",

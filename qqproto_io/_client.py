@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeAlias, TypeVar, overload
 
 import anyio
 import anyio.lowlevel
+import orjson
 
 from qqproto import (
     Dispatch,
@@ -29,8 +30,15 @@ from qqproto import (
     EventsDropped,
     FatalStop,
     GatewayConnection,
+    Interaction,
+    InvalidMessage,
+    LocalProtocolError,
+    Message,
     SessionConfig,
     SessionState,
+    classify_api_error,
+    parse_interaction,
+    parse_message,
 )
 from qqproto_io._delivery import DeliveryRecord
 from qqproto_io._driver import ShardDriver
@@ -41,6 +49,7 @@ from qqproto_io._http import (
     RestApi,
     TokenSource,
 )
+from qqproto_io._messaging import Messenger
 from qqproto_io._proxy import ProxyConfig, proxy_from_env
 from qqproto_io._shards import ShardPlan
 from qqproto_io._stores import LocalIdentifyLimiter, SqliteSnapshotStore
@@ -53,15 +62,18 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-    from qqproto import JSONValue
+    from qqproto import JSONValue, ReplyLimits, SendConfig
     from qqproto_io._health import Metrics
     from qqproto_io._stores import IdentifyLimiter, SnapshotStore
 
 __all__ = ["FatalStopError", "GatewayClient", "Handler"]
 
 _E = TypeVar("_E", bound=Event)
+_M = TypeVar("_M", bound=Message | Interaction)
 Handler: TypeAlias = Callable[[_E], Awaitable[None]]
-"""An async function called with each event it was registered for."""
+"""An async function called with each event (or message) it was registered for."""
+# What a handler may be registered for besides a dispatch type: the typed messages.
+_MESSAGE_KEYS = (Message, Interaction)
 
 
 class FatalStopError(Exception):
@@ -121,6 +133,9 @@ class GatewayClient:
         metrics: Prometheus metrics to count every event in, as the protocol loops produce
             them (so events dropped for a slow application are counted too).
         rng: randomness for jitter (default: a new ``random.Random()``).
+        reply_limits: the reply windows and counts :meth:`qqproto.Message.reply` keeps to
+            (default: ``ReplyLimits()``).
+        send_config: how replies are retried and paced (default: ``SendConfig()``).
 
     Use it as an async context manager and iterate over it for events (or over
     :meth:`shard_events` for ``(shard_id, event)`` pairs); iteration ends when every shard
@@ -148,6 +163,8 @@ class GatewayClient:
         max_queued_events: int = 10_000,
         metrics: Metrics | None = None,
         rng: random.Random | None = None,
+        reply_limits: ReplyLimits | None = None,
+        send_config: SendConfig | None = None,
     ) -> None:
         self.config = config or SessionConfig()
         self.plan = ShardPlan.parse(shards) if isinstance(shards, str) else shards
@@ -169,6 +186,11 @@ class GatewayClient:
         self.metrics = metrics
         self._handlers: dict[str, list[Handler[Any]]] = {}
         self._event_handlers: dict[type[Event], list[Handler[Any]]] = {}
+        self._message_handlers: dict[type[Message | Interaction], list[Handler[Any]]] = {}
+        self._reply_limits = reply_limits
+        self._send_config = send_config
+        self.messenger: Messenger | None = None
+        """Sends replies (known once entered): what bound messages reply through."""
         self._inline_handlers = False  # run() takes the events itself
         self._fatal_shard = 0
         self._tg: TaskGroup | None = None
@@ -201,6 +223,9 @@ class GatewayClient:
         self._api = api
         tokens = TokenSource(api, refresh_margin=self.config.token_refresh_margin)
         self._tokens = tokens
+        self.messenger = Messenger(
+            api, tokens, rng=self._rng, limits=self._reply_limits, config=self._send_config
+        )
         try:
             shards = await self._shards(api, tokens)
         except BaseException:
@@ -230,7 +255,8 @@ class GatewayClient:
         self._running = len(self.drivers)
         for shard_id, driver in self.drivers.items():
             self._tg.start_soon(self._run_driver, driver, name=f"qqproto shard {shard_id}")
-        if (self._handlers or self._event_handlers) and not self._inline_handlers:
+        handlers = self._handlers or self._event_handlers or self._message_handlers
+        if handlers and not self._inline_handlers:
             self._tg.start_soon(self._run_handlers, name="qqproto handlers")
         return self
 
@@ -321,28 +347,62 @@ class GatewayClient:
                     self._events_send.close()
 
     async def request(self, method: str, path: str, json: JSONValue = None) -> JSONValue:
-        """Call the bot OpenAPI with the client's own access token (shared with the shards).
-
-        For example, a passive reply to a C2C message::
-
-            await client.request(
-                "POST",
-                f"/v2/users/{openid}/messages",
-                {"content": "hi", "msg_type": 0, "msg_id": dispatch.data["id"]},
-            )
+        """Call the bot OpenAPI with the client's own access token (shared with the shards),
+        once, without retries: for the endpoints :meth:`qqproto.Message.reply` does not
+        cover (``GET /users/@me``, a proactive send, ...).
 
         Returns:
-            The response body as JSON (``None`` for an empty one).
+            The response body as JSON (``None`` for an empty one or one that is not JSON).
 
         Raises:
-            HttpFailure: the token or the call failed (the message names the method, the
-                path and the status; never the token or the body).
+            ApiError: the platform answered with an error (its kind, HTTP status, code,
+                trace id, method and path).
+            HttpFailure: the token or the call failed without an answer (the message names
+                the method and the path; never the token or the body).
             RuntimeError: the client is not entered.
         """
         if self._api is None or self._tokens is None:
             raise RuntimeError("GatewayClient.request() outside 'async with'")
         grant = await self._tokens.get()
-        return await self._api.request(method, path, token=grant.token, json=json)
+        try:
+            body = None if json is None else orjson.dumps(json)
+        except orjson.JSONEncodeError:
+            raise LocalProtocolError("request(): json is not JSON") from None
+        answer = await self._api.call(method, path, token=grant.token, body=body)
+        if 200 <= answer.status < 300:
+            return answer.body
+        raise classify_api_error(
+            answer.status, answer.body, answer.headers, method=method, path=path
+        )
+
+    def message(self, event: Event) -> Message | None:
+        """``event`` as a typed message that can :meth:`~qqproto.Message.reply`, or ``None``
+        when it is no message event (see :func:`qqproto.parse_message`).
+
+        Raises:
+            InvalidMessage: a message event without the ids a reply needs.
+            RuntimeError: the client is not entered.
+        """
+        if type(event) is not Dispatch:
+            return None
+        return parse_message(event, responder=self._responder())
+
+    def interaction(self, event: Event) -> Interaction | None:
+        """``event`` as an :class:`~qqproto.Interaction` that can
+        :meth:`~qqproto.Interaction.acknowledge` and reply, or ``None``.
+
+        Raises:
+            InvalidMessage: an ``INTERACTION_CREATE`` without an ``id``.
+            RuntimeError: the client is not entered.
+        """
+        if type(event) is not Dispatch:
+            return None
+        return parse_interaction(event, responder=self._responder())
+
+    def _responder(self) -> Messenger:
+        if self.messenger is None:
+            raise RuntimeError("GatewayClient: messages reply only while it is entered")
+        return self.messenger
 
     # --------------------------------------------------------------------- events
 
@@ -425,36 +485,64 @@ class GatewayClient:
     @overload
     def on(self, key: type[_E]) -> Callable[[Handler[_E]], Handler[_E]]: ...
 
-    def on(self, key: str | type[Event]) -> Callable[[Handler[Any]], Handler[Any]]:
-        """Register an async handler: for dispatches of a type, or for a kind of event.
+    @overload
+    def on(self, key: type[_M]) -> Callable[[Callable[[_M], Awaitable[None]]], Handler[Any]]: ...
+
+    def on(self, key: object) -> Callable[[Handler[Any]], Handler[Any]]:
+        """Register an async handler: for dispatches of a type, for typed messages, or for
+        a kind of event.
 
         ``client.on("C2C_MESSAGE_CREATE")`` (``"*"``: every dispatch) gets
-        :class:`~qqproto.Dispatch` events of that type; ``client.on(Ready)``, ``on(Resumed)``,
-        ``on(ZombieDetected)``, ``on(Disconnected)``, ``on(FatalStop)`` (any event class,
-        :class:`~qqproto.Event` for all) get the session's life. Register before entering
-        the client (or calling :meth:`run`). Handlers run one at a time, in order, on their
-        own task, never on a protocol loop, so a slow one delays only the next; an exception
-        in one is logged with its event and the session goes on. Do not iterate the client
-        as well.
+        :class:`~qqproto.Dispatch` events of that type. ``client.on(qqproto.Message)`` gets
+        every message event as a typed message that can reply (``on(GroupMessage)``,
+        ``on(C2CMessage)``, ...: those alone; ``on(Interaction)``: button clicks); a message
+        event whose ``d`` lacks the ids a reply needs is logged and skipped.
+        ``client.on(Ready)``, ``on(Resumed)``, ``on(ZombieDetected)``, ``on(Disconnected)``,
+        ``on(FatalStop)`` (any event class, :class:`~qqproto.Event` for all) get the
+        session's life. Register before entering the client (or calling :meth:`run`).
+        Handlers run one at a time, in order, on their own task, never on a protocol loop,
+        so a slow one delays only the next; an exception in one is logged with its event
+        and the session goes on. Do not iterate the client as well.
         """
+        table: dict[Any, list[Handler[Any]]]
+        if isinstance(key, str):
+            table = self._handlers
+        elif isinstance(key, type) and issubclass(key, _MESSAGE_KEYS):
+            table = self._message_handlers
+        elif isinstance(key, type) and issubclass(key, Event):
+            table = self._event_handlers
+        else:
+            raise TypeError("on() takes a dispatch type, an event class or a message class")
 
         def register(func: Handler[Any]) -> Handler[Any]:
-            if isinstance(key, str):
-                self._handlers.setdefault(key, []).append(func)
-            else:
-                self._event_handlers.setdefault(key, []).append(func)
+            table.setdefault(key, []).append(func)  # type: ignore[arg-type]
             return func
 
         return register
 
-    def _handlers_for(self, event: Event) -> list[Handler[Any]]:
-        found: list[Handler[Any]] = []
+    def _handlers_for(self, event: Event) -> list[tuple[Handler[Any], object]]:
+        """Each handler for ``event``, with what it is called with (the event, or it typed)."""
+        found: list[tuple[Handler[Any], object]] = []
         if type(event) is Dispatch:
-            found += self._handlers.get(event.type, ())
-            found += self._handlers.get("*", ())
+            named = (*self._handlers.get(event.type, ()), *self._handlers.get("*", ()))
+            found += [(func, event) for func in named]
+            if self._message_handlers:
+                found += self._message_handlers_for(event)
         for kind in type(event).__mro__:
-            found += self._event_handlers.get(kind, ())
+            found += [(func, event) for func in self._event_handlers.get(kind, ())]
         return found
+
+    def _message_handlers_for(self, event: Dispatch) -> list[tuple[Handler[Any], object]]:
+        # Parsed only when a handler asks for typed messages, once for all of them.
+        try:
+            typed: Message | Interaction | None = self.message(event) or self.interaction(event)
+        except InvalidMessage as exc:  # its text names the field, never the content
+            log.warning("skipped a %s for the message handlers: %s", event.type, exc)
+            return []
+        if typed is None:
+            return []
+        handlers = self._message_handlers
+        return [(func, typed) for kind in type(typed).__mro__ for func in handlers.get(kind, ())]
 
     async def _serve(self) -> FatalStop | None:
         """Take every event and run its handlers until every shard stopped.
@@ -466,9 +554,9 @@ class GatewayClient:
             if fatal is None and isinstance(event, FatalStop):
                 fatal = event
                 self._fatal_shard = shard_id
-            for func in self._handlers_for(event):
+            for func, argument in self._handlers_for(event):
                 try:
-                    await func(event)
+                    await func(argument)
                 except Exception:
                     log.exception(
                         "shard %s: handler %s failed on %s",

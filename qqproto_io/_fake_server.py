@@ -536,6 +536,8 @@ class FakeGatewayServer:
                 return
             else:
                 reply = self._route(method, path, event.headers, body)
+                if reply.hang_up:
+                    return  # processed; the answer is lost (a RestFault)
             await _respond(stream, conn, reply)
             if conn.our_state is not h11.DONE:
                 return  # h11 decided the connection must close
@@ -831,6 +833,7 @@ async def _respond(
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
+        *((name.encode("latin-1"), value.encode("latin-1")) for name, value in reply.headers),
     ]
     if close:
         headers.append((b"connection", b"close"))

@@ -1,4 +1,4 @@
-# The two HTTP calls a gateway session needs: the access token and the gateway URL.
+# The HTTP calls of a bot: the access token, the gateway URL, and the OpenAPI (replies).
 #
 # httpx: a well-kept async client that runs on asyncio and trio alike (through anyio), with
 # proxy support from the environment. Parsing the answers is the core's job
@@ -31,6 +31,7 @@ from qqproto import (
     FailureKind,
     GatewayInfo,
     InvalidResponse,
+    QQProtoError,
     TokenGrant,
     classify_status,
     read_gateway_answer,
@@ -46,6 +47,7 @@ __all__ = [
     "DEFAULT_API_BASE",
     "DEFAULT_TOKEN_URL",
     "SANDBOX_API_BASE",
+    "ApiAnswer",
     "Credentials",
     "HttpFailure",
     "RestApi",
@@ -64,17 +66,38 @@ DEFAULT_MAX_BODY_SIZE = 4 << 20
 _T = TypeVar("_T")
 
 
-class HttpFailure(Exception):
+class HttpFailure(QQProtoError):
     """A token, gateway or OpenAPI request failed; the message is safe to log (no secret).
 
     Attributes:
         kind: what a retry can do about it, by the core's rules (pass it on to
             :meth:`~qqproto.GatewayConnection.request_failed`).
+        sent: whether the request may have reached the server. ``False`` only when it
+            surely did not (the connection, the proxy or the token fetch failed before it
+            was written), so that even a send that must not be repeated may be retried.
     """
 
-    def __init__(self, message: str, *, kind: FailureKind = FailureKind.TRANSIENT) -> None:
+    def __init__(
+        self, message: str, *, kind: FailureKind = FailureKind.TRANSIENT, sent: bool = True
+    ) -> None:
         super().__init__(message)
         self.kind = kind
+        self.sent = sent
+
+
+@dataclass(frozen=True, slots=True)
+class ApiAnswer:
+    """What the OpenAPI answered to :meth:`RestApi.call`, whatever the status.
+
+    Attributes:
+        status: the HTTP status.
+        headers: the response headers, names in lower case.
+        body: the body parsed as JSON; ``None`` when empty or not JSON. Not in the repr.
+    """
+
+    status: int
+    headers: Mapping[str, str]
+    body: JSONValue = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +202,40 @@ class RestApi:
         what = f"{method} {_path(url)}"
         return await self._bounded(what, partial(self._request, what, method, url, token, json))
 
+    async def call(
+        self, method: str, path: str, *, token: str, body: bytes | None = None
+    ) -> ApiAnswer:
+        """Make one OpenAPI call and return its answer, whatever the status: what it means
+        is the core's business (:meth:`qqproto.Outbox.answered`,
+        :func:`qqproto.classify_api_error`).
+
+        Args:
+            method: the HTTP method.
+            path: the path under the REST base, starting with ``/``.
+            token: the access token.
+            body: the JSON body, encoded (:meth:`qqproto.ApiRequest.encode`), if any.
+
+        Raises:
+            HttpFailure: no answer came (``sent`` says whether the request may have been
+                written out), or it was larger than ``max_body_size``.
+        """
+        url = f"{self._api_base}{path}"
+        what = f"{method} {_path(url)}"
+        return await self._bounded(what, partial(self._call, what, method, url, token, body))
+
     # ------------------------------------------------------------------- the calls
+
+    async def _call(
+        self, what: str, method: str, url: str, token: str, body: bytes | None
+    ) -> ApiAnswer:
+        headers = self._auth(token)
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        status, answer_headers, content = await self._exchange(
+            what, method, url, content=body, headers=headers
+        )
+        data = _loads(content)
+        return ApiAnswer(status, answer_headers, None if isinstance(data, _NotJSON) else data)
 
     async def _fetch_token(self) -> TokenGrant:
         what = f"POST {_path(self._token_url)}"
@@ -187,7 +243,7 @@ class RestApi:
             "appId": self._credentials.app_id,
             "clientSecret": self._credentials.client_secret,
         }
-        status, content = await self._exchange(what, "POST", self._token_url, json=body)
+        status, _, content = await self._exchange(what, "POST", self._token_url, json=body)
         data = _loads(content)
         if isinstance(data, _NotJSON) and 200 <= status < 300:
             raise HttpFailure(f"{what}: body is not JSON")
@@ -208,7 +264,7 @@ class RestApi:
     async def _gateway(self, path: str, headers: Mapping[str, str]) -> GatewayInfo:
         url = f"{self._api_base}{path}"
         what = f"GET {_path(url)}"
-        status, content = await self._exchange(what, "GET", url, headers=headers)
+        status, _, content = await self._exchange(what, "GET", url, headers=headers)
         data = _loads(content) if 200 <= status < 300 else None
         if isinstance(data, _NotJSON):
             raise HttpFailure(f"{what}: body is not JSON")
@@ -220,7 +276,7 @@ class RestApi:
     async def _request(
         self, what: str, method: str, url: str, token: str, json: JSONValue
     ) -> JSONValue:
-        status, content = await self._exchange(
+        status, _, content = await self._exchange(
             what, method, url, json=json, headers=self._auth(token)
         )
         if not 200 <= status < 300:
@@ -254,11 +310,14 @@ class RestApi:
         url: str,
         *,
         json: JSONValue = None,
+        content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> tuple[int, bytes]:
-        """The status and the body (at most ``max_body_size`` bytes) of one request."""
+    ) -> tuple[int, dict[str, str], bytes]:
+        """The status, headers and body (at most ``max_body_size`` bytes) of one request."""
         try:
-            async with self._client.stream(method, url, json=json, headers=headers) as response:
+            async with self._client.stream(
+                method, url, json=json, content=content, headers=headers
+            ) as response:
                 declared = response.headers.get("Content-Length", "")
                 if declared.isdigit() and int(declared) > self._max_body:
                     raise HttpFailure(f"{what}: body larger than {self._max_body} bytes")
@@ -281,11 +340,14 @@ class RestApi:
                             chunks.append(chunk)
                 if size > self._max_body:
                     raise HttpFailure(f"{what}: body larger than {self._max_body} bytes")
-                return response.status_code, b"".join(chunks)
+                answer_headers = {k.lower(): v for k, v in response.headers.items()}
+                return response.status_code, answer_headers, b"".join(chunks)
         except httpx.HTTPError as exc:
             # httpx messages name the URL and the error, never the body or headers; the
-            # type says enough.
-            raise HttpFailure(f"{what}: {type(exc).__name__}") from None
+            # type says enough. These fail before a byte of the request is written.
+            unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+            unsent = unsent or isinstance(exc, httpx.ProxyError | httpx.UnsupportedProtocol)
+            raise HttpFailure(f"{what}: {type(exc).__name__}", sent=not unsent) from None
 
 
 def _loads(content: bytes) -> JSONValue | _NotJSON:

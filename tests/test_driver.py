@@ -33,6 +33,8 @@ from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSStream
 
 from qqproto import (
+    ApiError,
+    ApiErrorKind,
     Disconnected,
     Dispatch,
     Event,
@@ -58,7 +60,7 @@ from qqproto_io import _cli, _stores
 from qqproto_io._client import GatewayClient
 from qqproto_io._driver import ShardDriver
 from qqproto_io._fake_server import FakeGatewayServer
-from qqproto_io._http import Credentials, HttpFailure, RestApi, TokenSource
+from qqproto_io._http import Credentials, RestApi, TokenSource
 from qqproto_io._proxy import ProxyConfig, ProxyError, open_stream, proxy_from_env
 from qqproto_io._stores import LocalIdentifyLimiter
 from qqproto_io._transport import Transport, TransportLimits, TransportMessages, TransportOpened
@@ -921,10 +923,13 @@ async def test_client_request_calls_the_openapi_with_the_sessions_token():
                 ("POST", "/v2/users/FAKEOPENID0001/messages", body)
             ]
             assert len(server.gateway.tokens) == 1  # the session's token, not a new one
-            with pytest.raises(HttpFailure) as failure:
+            # A refusal is an ApiError that says what it means (was: a bare HttpFailure).
+            with pytest.raises(ApiError) as failure:
                 await client.request("GET", "/v2/nowhere")
+            assert failure.value.kind is ApiErrorKind.NOT_FOUND
+            assert (failure.value.status, failure.value.path) == (404, "/v2/nowhere")
             message = str(failure.value)
-            assert message == "GET /v2/nowhere: HTTP 404"
+            assert message.startswith("GET /v2/nowhere: HTTP 404")
             assert server.gateway.tokens[0].value not in message
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "HttpReply",
     "MessageKind",
     "RestCall",
+    "RestFault",
     "ServerClose",
     "ServerConnection",
     "ServerDrop",
@@ -93,6 +94,31 @@ class HttpReply:
     status: int
     body: dict[str, JSONValue]
     note: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    """Extra response headers (``Retry-After``, ``X-Tps-trace-ID``)."""
+    hang_up: bool = False
+    """Close the connection instead of answering: the request was processed, the answer
+    is lost (a :class:`RestFault` ``lose``)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RestFault:
+    """How the fake answers one future send, upload or interaction acknowledgement; queue
+    them in :attr:`FakeGateway.rest_faults` (first in, first used; token and gateway
+    requests never take one).
+
+    Attributes:
+        status: answer this HTTP status (429, 500, 503, ...) with the platform's error
+            body, without processing the request; ``None`` to process it.
+        retry_after: with ``status``, the ``Retry-After`` header in seconds.
+        lose: process the request (a send is accepted and counted), then close the
+            connection without answering: the lost response a retry must not turn into a
+            second message.
+    """
+
+    status: int | None = None
+    retry_after: float | None = None
+    lose: bool = False
 
 
 def _unauthorized() -> HttpReply:
@@ -142,6 +168,9 @@ _UPLOAD_ROUTES: Final[tuple[tuple[re.Pattern[str], MessageKind], ...]] = (
     (re.compile(r"/v2/users/([^/]+)/files"), "c2c"),
     (re.compile(r"/v2/groups/([^/]+)/files"), "group"),
 )
+# The acknowledgement of a button click (bot.q.qq.com/wiki/develop/api-v2/server-inter/
+# message/trans/msg-btn.html): PUT /interactions/{interaction_id} with {"code": 0..5}.
+_INTERACTION_ROUTE: Final = re.compile(r"/interactions/([^/]+)")
 # The v2 (C2C and group) message types: 0 text, 2 markdown, 3 ark, 4 embed, 7 media, each
 # with the field it needs; 6 (typing status, `input_notify`) is in the page's source only.
 _MSG_TYPE_FIELD: Final[dict[int, str]] = {
@@ -195,16 +224,16 @@ class RestCall:
         at: when it was answered (the host's clock).
         method: the HTTP method.
         path: the request path, without the query.
-        endpoint: ``"token"``, ``"gateway"``, ``"message"`` (a send), ``"upload"`` (media)
-            or ``"unknown"`` (answered 404).
+        endpoint: ``"token"``, ``"gateway"``, ``"message"`` (a send), ``"upload"`` (media),
+            ``"interaction"`` (an acknowledgement) or ``"unknown"`` (answered 404).
         status: the HTTP status of the answer.
         code: the platform code in the answer's body (a refusal), else ``None``.
         reason: why the fake refused it, in words (for the log; not sent), else ``None``.
         msg_type: the body's ``msg_type`` as sent (a send; ``None`` when absent).
         msg_id: the body's ``msg_id`` as sent (a send; ``None``: not a passive reply).
         msg_seq: the body's ``msg_seq`` as sent (a send; ``None`` when absent).
-        body: the JSON body of a send or an upload (an upload's ``file_data`` cut to its
-            length), else ``None``.
+        body: the JSON body of a send, an upload (its ``file_data`` cut to its length) or
+            an acknowledgement, else ``None``.
     """
 
     at: float
@@ -670,6 +699,10 @@ class FakeGateway:
         self.rest_calls: deque[RestCall] = deque(maxlen=_REST_CALLS_KEPT)
         # Message ids a bot may reply to, oldest first (bounded, see _ANCHORS_KEPT).
         self._anchors: OrderedDict[str, _Anchor] = OrderedDict()
+        # What the next sends, uploads and acknowledgements get instead of an answer.
+        self.rest_faults: deque[RestFault] = deque()
+        # The interaction ids acknowledged, with their code, in order.
+        self.acknowledged: list[tuple[str, int]] = []
         self._uploads = 0
         self._user_messages = 0
         self._refusals = 0
@@ -683,15 +716,25 @@ class FakeGateway:
 
         Routes ``POST /app/getAppAccessToken``, ``GET /gateway`` and ``/gateway/bot``, the
         message sends (``POST /v2/users/{openid}/messages``, ``/v2/groups/{group_openid}/
-        messages``, ``/channels/{channel_id}/messages``, ``/dms/{guild_id}/messages``) and
+        messages``, ``/channels/{channel_id}/messages``, ``/dms/{guild_id}/messages``),
         the media uploads (``POST /v2/users/{openid}/files``, ``/v2/groups/{group_openid}/
-        files``); anything else is 404. ``body`` is the raw request body (JSON where one is
-        expected); ``authorization`` the ``Authorization`` header, never recorded.
+        files``) and interaction acknowledgements (``PUT /interactions/{id}``); anything
+        else is 404. ``body`` is the raw request body (JSON where one is expected);
+        ``authorization`` the ``Authorization`` header, never recorded. A send, upload or
+        acknowledgement takes the first of :attr:`rest_faults`, if any.
         """
         method = method.upper()
         endpoint = _endpoint(method, path)
         sent: dict[str, JSONValue] = {}  # a send's or upload's body, as recorded
-        if endpoint == "unknown":
+        fault = None
+        if endpoint in ("message", "upload", "interaction") and self.rest_faults:
+            fault = self.rest_faults.popleft()
+        if fault is not None and fault.status is not None:
+            reply = _faulted(fault.status, fault.retry_after)
+            parsed_body = _json_object(body)
+            if not isinstance(parsed_body, HttpReply):
+                sent = parsed_body  # recorded as sent, though never looked at
+        elif endpoint == "unknown":
             reply = _http_error(404)
         elif endpoint == "gateway":
             reply = self.gateway_request(authorization, now, bot=path == "/gateway/bot")
@@ -704,6 +747,9 @@ class FakeGateway:
             elif endpoint == "message":
                 sent = parsed
                 reply = self.post_message(path, authorization, parsed, now)
+            elif endpoint == "interaction":
+                sent = parsed
+                reply = self.acknowledge_interaction(path, authorization, parsed, now)
             else:
                 sent = dict(parsed)
                 data = sent.get("file_data")
@@ -723,10 +769,31 @@ class FakeGateway:
             msg_type=sent.get("msg_type") if message else None,
             msg_id=sent.get("msg_id") if message else None,
             msg_seq=sent.get("msg_seq") if message else None,
-            body=sent if endpoint in ("message", "upload") and sent else None,
+            body=sent if endpoint in ("message", "upload", "interaction") and sent else None,
         )
         self.rest_calls.append(call)
+        if fault is not None and fault.lose:
+            return dataclasses.replace(reply, hang_up=True, note="answer lost (RestFault)")
         return reply
+
+    def acknowledge_interaction(
+        self, path: str, authorization: str | None, body: Mapping[str, JSONValue], now: float
+    ) -> HttpReply:
+        """``PUT /interactions/{interaction_id}`` with ``{"code": 0..5}`` (0 success, 1
+        failed, 2 too frequent, 3 duplicate, 4 no permission, 5 admin only): recorded in
+        :attr:`acknowledged`. Any id is accepted (the fake does not track interactions);
+        acknowledging one twice is harmless, as a retry must be.
+        """
+        if not self.token_valid(authorization, now):
+            return _unauthorized()
+        found = _INTERACTION_ROUTE.fullmatch(path)
+        if found is None:
+            return _http_error(404)
+        code = body.get("code")
+        if type(code) is not int or not 0 <= code <= 5:
+            return self._refuse(_BAD_BODY, "code must be an integer from 0 to 5")
+        self.acknowledged.append((found.group(1), code))
+        return HttpReply(200, {})
 
     def token_request(self, body: Mapping[str, object], now: float) -> HttpReply:
         """``POST /app/getAppAccessToken`` with ``{"appId", "clientSecret"}``."""
@@ -1189,9 +1256,18 @@ def _endpoint(method: str, path: str) -> str:
             return "message"
         if _match(_UPLOAD_ROUTES, path) is not None:
             return "upload"
+    if method == "PUT" and _INTERACTION_ROUTE.fullmatch(path) is not None:
+        return "interaction"
     if method == "GET" and path in ("/gateway", "/gateway/bot"):
         return "gateway"
     return "unknown"
+
+
+def _faulted(status: int, retry_after: float | None) -> HttpReply:
+    """A RestFault's answer: the platform's error body, and Retry-After when asked."""
+    reply = _http_error(status)
+    headers = (("Retry-After", f"{retry_after:g}"),) if retry_after is not None else ()
+    return dataclasses.replace(reply, headers=headers, note="RestFault")
 
 
 def _match(
