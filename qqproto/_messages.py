@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from enum import Enum
@@ -196,6 +197,10 @@ class Responder(Protocol):
         ...
 
 
+# Guild messages carry mentions as markup in the text: <@!user_id> (and <@user_id>).
+_MENTION_MARKUP = re.compile(r"<@!?[^<>\s]*>")
+
+
 def _unbound(what: str) -> LocalProtocolError:
     return LocalProtocolError(
         f"this {what} has no responder: parse_message() alone gives plain values; take it "
@@ -232,6 +237,13 @@ class Message:
     attachments: tuple[Attachment, ...] = field(repr=False)
     raw: Mapping[str, JSONValue] = field(repr=False, compare=False)
     responder: Responder | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def text(self) -> str:
+        """:attr:`content` as a person reads it: the mention markup of guild messages
+        (``<@!id>``) removed and the whitespace around it stripped (the space a group @
+        leaves, too). ``"<@!123> ping "`` is ``"ping"``."""
+        return _MENTION_MARKUP.sub("", self.content).strip()
 
     async def reply(self, body: str | MessageBody) -> SendDelivered:
         """Answer this message: text, or any :class:`~qqproto.MessageBody`.

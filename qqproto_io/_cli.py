@@ -21,6 +21,7 @@ import os
 import signal
 import sqlite3
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeVar, cast
 from urllib.parse import urlsplit
 
@@ -211,6 +212,11 @@ def _exit_code(fatal: FatalStop | FatalStopError | None) -> int:
 def _load_app(spec: str) -> Callable[[GatewayClient], object]:
     """``module:function``: the function that registers a bot's handlers on the client."""
     module_name, _, attr = spec.partition(":")
+    # As uvicorn and gunicorn do: the bot in the current directory is found without
+    # PYTHONPATH (a console script's sys.path starts with its own bin directory instead).
+    here = str(Path.cwd())
+    if "" not in sys.path and here not in sys.path:
+        sys.path.insert(0, here)
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - whatever the user's module raises, one line
@@ -266,6 +272,11 @@ async def _run_session(
 
     gateway = FakeGatewayConfig(hello_interval_ms=5_000, rotate_every=60.0)
     async with FakeGatewayServer(gateway, message_interval=5.0) as server:
+        console.say(
+            f'qqproto: be the user (no token): curl -d \'{{"kind": "c2c", "content": '
+            f"\"ping\"}}' {server.control_url}/messages; the bot's REST calls: "
+            f"curl {server.control_url}/rest\n"
+        )
         cfg = server.gateway.config
         await session(cfg.app_id, cfg.client_secret, server.http_base, server.token_url)
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import dataclasses
-import datetime as dt
 import enum
 import http
 import logging
@@ -40,6 +39,7 @@ import os
 import random
 import shlex
 import threading
+import time
 from typing import TYPE_CHECKING, Self
 from urllib.parse import urlsplit
 
@@ -257,6 +257,10 @@ class FakeGatewayServer:
         self._port = listener.extra(SocketAttribute.local_port)  # noqa: S610 - anyio, not Django
         if self.gateway.config.url == _DEFAULT_URL:
             self.gateway.config.url = self.ws_url
+        if self.gateway.config.unix_epoch is None:
+            # Messages stamped with the wall clock, as on the platform: a bot checks its
+            # reply windows against its own.
+            self.gateway.config.unix_epoch = time.time() - anyio.current_time()
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
@@ -312,8 +316,9 @@ class FakeGatewayServer:
                 peer.gate.open()
 
     def message(self, n: int, *, shard: int = 0, content: str | None = None) -> int:
-        """Produce message ``n`` now (see :meth:`FakeGateway.message`) and send it to every
-        live connection of its sessions. Returns how many sessions received it."""
+        """Produce message ``n`` now (see :meth:`FakeGateway.message`), stamped with the wall
+        clock as the platform stamps it (``FakeGatewayConfig.unix_epoch``), and send it to
+        every live connection of its sessions. Returns how many sessions received it."""
         delivered = self.gateway.message(n, anyio.current_time(), shard=shard, content=content)
         self._flush_all()
         return delivered
@@ -349,7 +354,6 @@ class FakeGatewayServer:
             channel=channel,
             guild=guild,
             shard=shard,
-            timestamp=_platform_timestamp(),
         )
         self._flush_all()
         return sent
@@ -788,12 +792,6 @@ def _describe_sent(sent: UserMessage) -> str:
         f"{sent.type} event_id {sent.event_id} msg_id {sent.msg_id} seq {seqs}; "
         f"reply: POST {sent.reply_path}"
     )
-
-
-def _platform_timestamp() -> str:
-    """Now, as the platform stamps messages: RFC 3339 in UTC+8, whole seconds."""
-    china = dt.timezone(dt.timedelta(hours=8))
-    return dt.datetime.now(china).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------------- HTTP helpers

@@ -7,9 +7,9 @@
 # Ordering comes from what the client prints (a line proves the event before it), never
 # from sleeping; every wait is bounded by BOUND, generous for a loaded machine.
 #
-# The echo bot runs in-process, on the same event loop as the fake server, so that the test
-# sees the events it handles (through its `show`) and the replies it posts.
-"""Tests for examples/: the threaded, asyncio and echo-bot clients against the fake server."""
+# The ping bot runs in-process, on the same event loop as the fake server, so that the test
+# sees the messages it handles and the replies it posts.
+"""Tests for examples/: the threaded and asyncio clients and the ping bot against the fake."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ import anyio
 import pytest
 from anyio.from_thread import start_blocking_portal
 
-from qqproto import Dispatch, FatalStop, HeartbeatAcknowledged, Ready
+from qqproto import Message, Ready
 from qqproto.testing import FakeGatewayConfig
-from qqproto_io import FakeGatewayServer
+from qqproto_io import FakeGatewayServer, GatewayClient
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 BOUND = 30.0  # seconds any one wait may take before the test fails
@@ -301,7 +301,7 @@ def test_ctrl_c_closes_cleanly_and_keeps_the_session(served, examples, name, tmp
     assert connection.closed
 
 
-# -------------------------------------------------------------------------- echo bot
+# -------------------------------------------------------------------------- ping bot
 
 
 def load_example(name: str, monkeypatch):
@@ -315,101 +315,70 @@ def load_example(name: str, monkeypatch):
     return module
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request):
+    return request.param
 
 
 @pytest.mark.anyio
-async def test_echo_bot_replies_to_c2c_and_group_messages(monkeypatch, capsys):
-    # In-process, on the fake server's own event loop: the events are the bot's own
-    # objects, and every reply is in the server's rest_posts once the bot returns.
-    echo_bot = load_example("echo_bot", monkeypatch)
-    events = []
-    changed = anyio.Event()
-
-    def record(event) -> None:
-        nonlocal changed
-        events.append(event)
-        changed.set()
-        changed = anyio.Event()
-
-    async def until(kind, count: int = 1) -> None:
-        while sum(isinstance(e, kind) for e in events) < count:
-            await changed.wait()
-
-    monkeypatch.setattr(echo_bot, "show", record)
-    group = {
-        "id": "ROBOT1.0_group00000001",
-        "group_openid": "FAKEGROUP0001",
-        "author": {"member_openid": "FAKEMEMBER0001"},
-        "content": " echo me ",
-        "timestamp": "2024-01-01T12:00:00+08:00",
-    }
-    with anyio.fail_after(BOUND):
-        async with FakeGatewayServer(GATEWAY) as server, anyio.create_task_group() as tg:
-            cfg = server.gateway.config
-            args = echo_bot.parse_args(
-                [
-                    *("--api-base", server.http_base, "--token-url", server.token_url),
-                    *("--app-id", cfg.app_id, "--client-secret", cfg.client_secret),
-                    *("--dispatches", "2"),
-                ]
-            )
-            tg.start_soon(echo_bot.run, args)
-            await until(Ready)
-            await until(HeartbeatAcknowledged)
-            assert server.message(1) == 1
-            assert server.dispatch("GROUP_AT_MESSAGE_CREATE", group, event_id="GROUP:1") == 1
-            # The bot stops by itself after its second dispatch, replies sent.
-    got = [(e.type, e.seq, e.event_id) for e in events if isinstance(e, Dispatch)]
-    assert got == [
-        ("C2C_MESSAGE_CREATE", 2, message_id(1)),
-        ("GROUP_AT_MESSAGE_CREATE", 3, "GROUP:1"),
-    ]
-    assert server.gateway.rest_posts == [
-        (
-            "POST",
-            "/v2/users/FAKEOPENID0001/messages",
-            {
-                "content": "hello 1 你好",
-                "msg_type": 0,
-                "msg_id": "ROBOT1.0_fake00000001",
-                "msg_seq": 1,
-            },
-        ),
-        (
-            "POST",
-            "/v2/groups/FAKEGROUP0001/messages",
-            {"content": "echo me", "msg_type": 0, "msg_id": "ROBOT1.0_group00000001", "msg_seq": 1},
-        ),
-    ]
-    printed = capsys.readouterr().out
-    assert "replied POST /v2/users/FAKEOPENID0001/messages\n" in printed
-    assert "replied POST /v2/groups/FAKEGROUP0001/messages\n" in printed
-    assert "reply failed" not in printed
-
-
-@pytest.mark.anyio
-async def test_echo_bot_stops_on_wrong_credentials(monkeypatch):
-    echo_bot = load_example("echo_bot", monkeypatch)
-    events = []
-    monkeypatch.setattr(echo_bot, "show", events.append)
+async def test_the_ping_bot_answers_each_ping_once_in_every_scene(monkeypatch):
+    # The module as `qqproto run --app ping_bot:setup` loads it, on a client of our own.
+    ping_bot = load_example("ping_bot", monkeypatch)
     with anyio.fail_after(BOUND):
         async with FakeGatewayServer(GATEWAY) as server:
-            args = echo_bot.parse_args(
-                [
-                    *("--api-base", server.http_base, "--token-url", server.token_url),
-                    *("--app-id", server.gateway.config.app_id, "--client-secret", "wrong"),
-                ]
+            cfg = server.gateway.config
+            client = GatewayClient(
+                app_id=cfg.app_id,
+                client_secret=cfg.client_secret,
+                api_base=server.http_base,
+                token_url=server.token_url,
             )
-            assert await echo_bot.run(args) == 1
-    (fatal,) = [e for e in events if isinstance(e, FatalStop)]
-    assert fatal.reason == "the token endpoint rejected the credentials"
-    assert server.gateway.connections == []
+            ping_bot.setup(client)
+            ready, seen = anyio.Event(), anyio.Event()
+            handled: list[str] = []
+
+            @client.on(Ready)
+            async def on_ready(_event: Ready) -> None:
+                ready.set()
+
+            @client.on(Message)  # registered after the bot's: runs after it, per message
+            async def after(message: Message) -> None:
+                handled.append(message.content)
+                if len(handled) == 5:
+                    seen.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.run)
+                await ready.wait()
+                sent = [
+                    server.user_message("c2c", "ping"),
+                    server.user_message("group", " ping"),  # the space where the @ was
+                    server.user_message("guild", "hello"),
+                    server.user_message("guild", "PING"),
+                    server.user_message("c2c", "pong?"),
+                ]
+                await seen.wait()
+                await client.close()
+    posts = server.gateway.rest_posts
+    assert [(path, body.get("msg_id"), body["content"]) for _, path, body in posts] == [
+        (sent[0].reply_path, sent[0].msg_id, "pong"),
+        (sent[1].reply_path, sent[1].msg_id, "pong"),
+        (sent[3].reply_path, sent[3].msg_id, "pong"),
+    ]
+    assert [body.get("msg_seq") for _, _, body in posts] == [1, 1, None]  # no seq in guilds
 
 
-@pytest.mark.parametrize("name", ["threaded_client.py", "asyncio_client.py", "echo_bot.py"])
+def test_the_ping_bot_is_a_dozen_lines():
+    code = [
+        line
+        for line in (EXAMPLES / "ping_bot.py").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    body = code[code.index("from qqproto import Message") :]
+    assert len(body) <= 12
+
+
+@pytest.mark.parametrize("name", ["threaded_client.py", "asyncio_client.py"])
 def test_examples_run_as_scripts_and_ask_for_credentials(name):
     env = {k: v for k, v in os.environ.items() if not k.startswith("QQBOT_")}
     proc = subprocess.run(  # noqa: S603 - our interpreter, our script

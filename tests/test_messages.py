@@ -515,3 +515,21 @@ def _mutated(draw: st.DrawFn) -> Dispatch:
 @given(_mutated())
 def test_a_mutated_fixture_parses_or_raises_invalid_message(dispatch: Dispatch) -> None:
     _check_outcome(dispatch)
+
+
+@pytest.mark.parametrize(
+    ("content", "text"),
+    [
+        ("<@!1000000000000000001> ping ", "ping"),
+        (" ping", "ping"),  # a group @ leaves a space
+        ("<@1> hello <@!2>", "hello"),
+        ("a < b > c", "a < b > c"),  # not markup
+        ("", ""),
+    ],
+)
+def test_text_drops_the_mention_markup_and_the_spaces_around(content, text):
+    d = {"id": "M1", "channel_id": "C1", "content": content}
+    message = parse_message(Dispatch(type="AT_MESSAGE_CREATE", seq=1, event_id=None, data=d))
+    assert message is not None
+    assert message.text == text
+    assert message.content == content  # kept as sent

@@ -406,3 +406,45 @@ def test_on_refuses_what_it_cannot_dispatch_on():
     client = GatewayClient(app_id="1", client_secret="s")
     with pytest.raises(TypeError, match="on\\(\\) takes"):
         client.on(int)  # type: ignore[call-overload]
+
+
+async def test_without_typed_handlers_no_message_is_parsed(monkeypatch):
+    # The receive path pays for typed messages only when a handler asks for them.
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("parsed without a typed handler")
+
+    monkeypatch.setattr("qqproto_io._client.parse_message", refuse)
+    monkeypatch.setattr("qqproto_io._client.parse_interaction", refuse)
+    with anyio.fail_after(BOUND):
+        async with FakeGatewayServer(gateway_config()) as server:
+            client = make_client(server)
+            ready = ready_flag(client)
+            got = anyio.Event()
+
+            @client.on("C2C_MESSAGE_CREATE")
+            async def on_raw(_dispatch: Dispatch) -> None:
+                got.set()
+
+            async with client:
+                await ready.wait()
+                server.user_message("c2c", "ping")
+                await got.wait()
+
+
+def test_the_typed_message_benchmark_runs(capsys):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_messages.py"
+    argv = sys.argv
+    sys.argv = [str(script), "--quick"]
+    try:
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "(b) / (a)" in out
+    assert "parsing one message when asked" in out

@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import http
 import re
 from collections import OrderedDict, deque
@@ -189,7 +190,11 @@ _GUILD_CONTENT: Final = ("content", "embed", "ark", "image", "markdown")
 # like an unknown one.
 _ANCHORS_KEPT: Final = 10_000
 _REST_CALLS_KEPT: Final = 1_000
-_BOT_USER_ID: Final = "1000000000000000001"  # the READY user id, and who a guild @ names
+_BOT_USER_ID: Final = "1000000000000000001"
+_FIXED_TIMESTAMP: Final = "2024-01-01T12:00:00+08:00"
+_CHINA: Final = dt.timezone(
+    dt.timedelta(hours=8)
+)  # the platform stamps in UTC+8  # the READY user id, and who a guild @ names
 
 
 # --------------------------------------------------------------------- REST refusals
@@ -360,6 +365,11 @@ class FakeGatewayConfig:
             message: 5 minutes on that page.
         replies_per_message: passive replies accepted per C2C or group message (5 on that
             page); the next one is refused. Guild messages have no such limit.
+        unix_epoch: the Unix time at the host's ``now == 0``: a message the fake produces
+            is stamped ``unix_epoch + now`` (in UTC+8, as the platform stamps them), so that
+            a bot checking reply windows against its own wall clock finds them fresh.
+            ``None``: every message carries one fixed 2024 timestamp, and seeded runs repeat
+            byte for byte. ``FakeGatewayServer`` sets it from the wall clock.
     """
 
     app_id: str = "1020000001"
@@ -379,6 +389,7 @@ class FakeGatewayConfig:
     reply_window_group: float = 300.0
     reply_window_guild: float = 300.0
     replies_per_message: int = 5
+    unix_epoch: float | None = None
 
 
 @dataclass(slots=True)
@@ -990,6 +1001,15 @@ class FakeGateway:
         }
         return HttpReply(200, answer)
 
+    def timestamp(self, now: float) -> str:
+        """How the platform would stamp a message sent at ``now``: RFC 3339 in UTC+8,
+        whole seconds (see ``FakeGatewayConfig.unix_epoch``)."""
+        epoch = self.config.unix_epoch
+        if epoch is None:
+            return _FIXED_TIMESTAMP
+        at = dt.datetime.fromtimestamp(epoch + now, _CHINA)
+        return at.isoformat(timespec="seconds")
+
     def token_valid(self, value: object, now: float) -> bool:
         """Whether a ``"QQBot <tok>"`` value (Identify/Resume ``token`` field, REST
         ``Authorization`` header) holds a token valid now."""
@@ -1092,13 +1112,25 @@ class FakeGateway:
         while len(anchors) > _ANCHORS_KEPT:
             anchors.popitem(last=False)
 
-    def message(self, n: int, now: float, *, shard: int = 0, content: str | None = None) -> int:
-        """Produce message number ``n`` as a C2C_MESSAGE_CREATE with unique ids."""
+    def message(
+        self,
+        n: int,
+        now: float,
+        *,
+        shard: int = 0,
+        content: str | None = None,
+        timestamp: str | None = None,
+    ) -> int:
+        """Produce message number ``n`` as a C2C_MESSAGE_CREATE with unique ids.
+
+        ``timestamp`` is the message's own (RFC 3339); by default it follows
+        ``config.unix_epoch``.
+        """
         d: JSONValue = {
             "id": f"ROBOT1.0_fake{n:08d}",
             "author": {"id": f"FAKEAUTHOR{n % 97:04d}", "user_openid": f"FAKEOPENID{n % 97:04d}"},
             "content": content if content is not None else f"hello {n} 你好",
-            "timestamp": "2024-01-01T12:00:00+08:00",
+            "timestamp": timestamp or self.timestamp(now),
             "attachments": [],
         }
         return self.dispatch(
@@ -1116,7 +1148,7 @@ class FakeGateway:
         channel: str | None = None,
         guild: str | None = None,
         shard: int = 0,
-        timestamp: str = "2024-01-01T12:00:00+08:00",
+        timestamp: str | None = None,
     ) -> UserMessage:
         """A user sends the bot ``content`` in scene ``kind``: dispatch it, as the platform's
         event of that scene, to every session of ``shard``.
@@ -1135,13 +1167,14 @@ class FakeGateway:
           (``channel_id`` = ``channel``, ``direct_message: true``).
 
         Ids left out take a fixed default per scene. The bot may reply with ``msg_id`` =
-        the returned ``msg_id`` at ``reply_path``.
+        the returned ``msg_id`` at ``reply_path``. ``timestamp`` (RFC 3339) follows
+        ``config.unix_epoch`` when not given.
         """
         self._user_messages += 1
         n = self._user_messages
         t = _KIND_EVENT[kind]
         msg_id = f"ROBOT1.0_user{n:08d}" if kind in ("c2c", "group") else f"FAKEGUILDMSG{n:08d}"
-        d: dict[str, JSONValue] = {"id": msg_id, "timestamp": timestamp}
+        d: dict[str, JSONValue] = {"id": msg_id, "timestamp": timestamp or self.timestamp(now)}
         if kind == "c2c":
             openid = user or "FAKEUSEROPENID0001"
             d["author"] = {"id": openid, "user_openid": openid, "union_openid": openid}
@@ -1363,8 +1396,8 @@ def _control_message(gw: FakeGateway, body: _ControlBody, now: float) -> _Contro
     content = body.get("content", "")
     if not isinstance(content, str):
         raise _ControlError("content must be a string")
-    timestamp = body.get("timestamp", "2024-01-01T12:00:00+08:00")
-    if not isinstance(timestamp, str):
+    timestamp = body.get("timestamp")
+    if timestamp is not None and not isinstance(timestamp, str):
         raise _ControlError("timestamp must be a string")
     shard = body.get("shard", 0)
     if type(shard) is not int or shard < 0:
