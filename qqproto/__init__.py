@@ -21,6 +21,7 @@ from qqproto._codec import (
 )
 from qqproto._config import Intents, SessionConfig
 from qqproto._connection import GatewayConnection
+from qqproto._dedup import SeenIds
 from qqproto._errors import (
     FailureKind,
     InvalidEnvelope,
@@ -120,6 +121,17 @@ from qqproto._rest import (
 )
 from qqproto._snapshot import InvalidSnapshot, SessionSnapshot
 from qqproto._states import SessionState
+from qqproto._webhook import (
+    WEBHOOK_MAX_BODY,
+    DeliveryMemory,
+    WebhookOutcome,
+    WebhookReceiver,
+    WebhookRejected,
+    WebhookResponse,
+    WebhookResult,
+    WebhookRouter,
+    derive_seed,
+)
 
 __version__ = "0.1.0.dev0"
 """The version of the installed qqproto (also printed by ``qqproto --version``)."""
@@ -128,6 +140,7 @@ __all__ = [
     "CLOSE_CODE_POLICY",
     "DEFAULT_MAX_PAYLOAD_SIZE",
     "MESSAGE_EVENT_TYPES",
+    "WEBHOOK_MAX_BODY",
     "AbandonRequest",
     "AbortTransport",
     "ApiError",
@@ -140,6 +153,7 @@ __all__ = [
     "CloseConnection",
     "ClosePolicy",
     "Command",
+    "DeliveryMemory",
     "DirectMessage",
     "DisconnectStorm",
     "Disconnected",
@@ -196,6 +210,7 @@ __all__ = [
     "Responder",
     "Resumed",
     "Scene",
+    "SeenIds",
     "Send",
     "SendConfig",
     "SendDelivered",
@@ -212,6 +227,12 @@ __all__ = [
     "UnexpectedPayload",
     "UnknownOpcode",
     "UploadedMedia",
+    "WebhookOutcome",
+    "WebhookReceiver",
+    "WebhookRejected",
+    "WebhookResponse",
+    "WebhookResult",
+    "WebhookRouter",
     "ZombieDetected",
     "__version__",
     "acknowledge_interaction",
@@ -219,6 +240,7 @@ __all__ = [
     "classify_api_error",
     "classify_status",
     "decode_payload",
+    "derive_seed",
     "encode_heartbeat",
     "encode_identify",
     "encode_resume",

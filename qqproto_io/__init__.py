@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
+    from qqproto_io._asgi import WebhookApp
     from qqproto_io._client import FatalStopError, GatewayClient, Handler
     from qqproto_io._driver import ShardDriver
     from qqproto_io._fake_server import FakeGatewayServer
+    from qqproto_io._fake_webhook import FakeWebhookPoster
     from qqproto_io._health import HealthServer, Metrics
     from qqproto_io._http import (
         DEFAULT_API_BASE,
@@ -45,6 +47,8 @@ if TYPE_CHECKING:
     from qqproto_io._supervise import supervise
     from qqproto_io._systemd import SystemdNotifier, run_systemd, watchdog_verdict
     from qqproto_io._transport import TransportLimits
+    from qqproto_io._webhook import DeliveryClaims, WebhookInbox, WebhookServer
+    from qqproto_io._webhook_redis import RedisDeliveryClaims
 
 __all__ = [
     "DEFAULT_API_BASE",
@@ -52,7 +56,9 @@ __all__ = [
     "SANDBOX_API_BASE",
     "ApiAnswer",
     "Credentials",
+    "DeliveryClaims",
     "FakeGatewayServer",
+    "FakeWebhookPoster",
     "FatalStopError",
     "GatewayClient",
     "Handler",
@@ -65,6 +71,7 @@ __all__ = [
     "Metrics",
     "ProxyConfig",
     "ProxyError",
+    "RedisDeliveryClaims",
     "RedisIdentifyLimiter",
     "RedisSnapshotStore",
     "RestApi",
@@ -76,6 +83,9 @@ __all__ = [
     "SystemdNotifier",
     "TokenSource",
     "TransportLimits",
+    "WebhookApp",
+    "WebhookInbox",
+    "WebhookServer",
     "proxy_from_env",
     "run_systemd",
     "supervise",
@@ -120,6 +130,12 @@ _HOME = {
     "run_systemd": "_systemd",
     "watchdog_verdict": "_systemd",
     "TransportLimits": "_transport",
+    "WebhookApp": "_asgi",
+    "FakeWebhookPoster": "_fake_webhook",
+    "DeliveryClaims": "_webhook",
+    "WebhookInbox": "_webhook",
+    "WebhookServer": "_webhook",
+    "RedisDeliveryClaims": "_webhook_redis",
 }
 
 

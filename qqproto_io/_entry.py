@@ -22,6 +22,7 @@ DRIVER_MODULES = (
     "redis",
     "python_socks",
     "socksio",
+    "cryptography",
 )
 """The import names of the ``io`` extra's requirements, in pyproject.toml's order."""
 

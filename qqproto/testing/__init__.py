@@ -26,6 +26,12 @@ from qqproto.testing._fake_gateway import (
     ServerSend,
     UserMessage,
 )
+from qqproto.testing._fake_webhook import (
+    SignedRequest,
+    WebhookRetryPolicy,
+    WebhookSigner,
+    is_ack,
+)
 from qqproto.testing._simulator import Link, SimClient, Simulation, TraceEntry
 
 __all__ = [
@@ -43,8 +49,12 @@ __all__ = [
     "ServerDrop",
     "ServerOutput",
     "ServerSend",
+    "SignedRequest",
     "SimClient",
     "Simulation",
     "TraceEntry",
     "UserMessage",
+    "WebhookRetryPolicy",
+    "WebhookSigner",
+    "is_ack",
 ]
