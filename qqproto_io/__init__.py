@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         TokenSource,
     )
     from qqproto_io._messaging import Messenger
+    from qqproto_io._network import Network
     from qqproto_io._proxy import ProxyConfig, ProxyError, proxy_from_env
     from qqproto_io._redis import RedisIdentifyLimiter, RedisSnapshotStore
     from qqproto_io._shards import ShardPlan
@@ -69,6 +70,7 @@ __all__ = [
     "LocalIdentifyLimiter",
     "Messenger",
     "Metrics",
+    "Network",
     "ProxyConfig",
     "ProxyError",
     "RedisDeliveryClaims",
@@ -114,6 +116,7 @@ _HOME = {
     "RestApi": "_http",
     "TokenSource": "_http",
     "Messenger": "_messaging",
+    "Network": "_network",
     "ProxyConfig": "_proxy",
     "ProxyError": "_proxy",
     "proxy_from_env": "_proxy",

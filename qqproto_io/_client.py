@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 
     from qqproto import JSONValue, ReplyLimits, SendConfig
     from qqproto_io._health import Metrics
+    from qqproto_io._network import Network
     from qqproto_io._stores import IdentifyLimiter, SnapshotStore
 
 __all__ = ["FatalStopError", "GatewayClient", "Handler"]
@@ -136,6 +137,8 @@ class GatewayClient:
         reply_limits: the reply windows and counts :meth:`qqproto.Message.reply` keeps to
             (default: ``ReplyLimits()``).
         send_config: how replies are retried and paced (default: ``SendConfig()``).
+        network: carry every connection and request over this instead of sockets (a test
+            network on virtual time); ``proxy`` is then unused.
 
     Use it as an async context manager and iterate over it for events (or over
     :meth:`shard_events` for ``(shard_id, event)`` pairs); iteration ends when every shard
@@ -165,6 +168,7 @@ class GatewayClient:
         rng: random.Random | None = None,
         reply_limits: ReplyLimits | None = None,
         send_config: SendConfig | None = None,
+        network: Network | None = None,
     ) -> None:
         self.config = config or SessionConfig()
         self.plan = ShardPlan.parse(shards) if isinstance(shards, str) else shards
@@ -189,6 +193,7 @@ class GatewayClient:
         self._message_handlers: dict[type[Message | Interaction], list[Handler[Any]]] = {}
         self._reply_limits = reply_limits
         self._send_config = send_config
+        self._network = network
         self.messenger: Messenger | None = None
         """Sends replies (known once entered): what bound messages reply through."""
         self._inline_handlers = False  # run() takes the events itself
@@ -219,6 +224,7 @@ class GatewayClient:
             token_url=self._token_url,
             timeout=self.config.http_timeout,
             proxy=self._proxy_url,
+            transport=self._network.http_transport() if self._network is not None else None,
         )
         self._api = api
         tokens = TokenSource(api, refresh_margin=self.config.token_refresh_margin)
@@ -249,6 +255,7 @@ class GatewayClient:
                 on_event=self._enqueuer(shard[0]),
                 on_lag=self._lag_recorder(shard[0]),
                 proxy=self._proxy,
+                network=self._network,
             )
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()

@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
     from qqproto import Output
+    from qqproto_io._network import Network
     from qqproto_io._proxy import ProxyConfig
     from qqproto_io._stores import IdentifyLimiter, SnapshotStore
 
@@ -108,6 +109,7 @@ class ShardDriver:
         proxy: ProxyConfig | None = None,
         ssl_context: ssl.SSLContext | None = None,
         limits: TransportLimits | None = None,
+        network: Network | None = None,
     ) -> None:
         self.conn = conn
         self._api = api
@@ -119,6 +121,7 @@ class ShardDriver:
         self._on_lag = on_lag
         self._proxy = proxy
         self._ssl_context = ssl_context
+        self._network = network
         self._limits = limits or TransportLimits(max_message_size=conn.config.max_payload_size)
         send, receive = anyio.create_memory_object_stream[object](_INBOX_SIZE)
         self._inbox: MemoryObjectSendStream[object] = send
@@ -329,6 +332,7 @@ class ShardDriver:
             limits=self._limits,
             proxy=self._proxy,
             ssl_context=self._ssl_context,
+            network=self._network,
         )
         self._transport = transport
         transport.start(self._tg)

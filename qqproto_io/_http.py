@@ -126,6 +126,8 @@ class RestApi:
             seconds; ``fetch_gateway`` with its fallback counts as one call.
         proxy: an ``http://`` proxy URL, or ``None`` to follow the environment.
         max_body_size: the largest response body read, in bytes; a longer one fails.
+        transport: send the requests through this httpx transport instead of sockets (a
+            :class:`~qqproto_io.Network`'s); ``proxy`` and the environment are then unused.
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class RestApi:
         timeout: float = 30.0,
         proxy: str | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._credentials = credentials
         self._api_base = api_base.rstrip("/")
@@ -145,8 +148,9 @@ class RestApi:
         self._max_body = max_body_size
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout),
-            proxy=proxy,
-            trust_env=proxy is None,
+            proxy=proxy if transport is None else None,
+            trust_env=proxy is None and transport is None,
+            transport=transport,
             # A compressed body is inflated a whole network read at a time, before the size
             # bound can look at it; these answers are small enough to come as they are.
             headers={"Accept-Encoding": "identity"},

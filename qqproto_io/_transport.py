@@ -55,6 +55,8 @@ if TYPE_CHECKING:
     from anyio.abc import ByteStream, TaskGroup
     from anyio.streams.memory import MemoryObjectSendStream
 
+    from qqproto_io._network import Network
+
 __all__ = [
     "Transport",
     "TransportClosed",
@@ -181,6 +183,7 @@ class Transport:
         limits: TransportLimits,
         proxy: ProxyConfig | None,
         ssl_context: ssl.SSLContext | None,
+        network: Network | None = None,
     ) -> None:
         self.ident = ident
         self.url = url
@@ -188,6 +191,7 @@ class Transport:
         self._limits = limits
         self._proxy = proxy
         self._ssl_context = ssl_context
+        self._network = network
         self._scope = anyio.CancelScope()
         send, receive = anyio.create_memory_object_stream[bytes](limits.write_queue)
         self._outgoing = send
@@ -308,13 +312,16 @@ class Transport:
             raise ValueError("invalid gateway URL: not ws:// or wss:// with a host")
         secure = parts.scheme == "wss"
         host = parts.hostname
-        stream = await open_stream(
-            host,
-            port or (443 if secure else 80),
-            tls=secure,
-            ssl_context=(self._ssl_context or _default_ssl_context()) if secure else None,
-            proxy=self._proxy,
-        )
+        if self._network is not None:
+            stream = await self._network.connect(host, port or (443 if secure else 80), tls=secure)
+        else:
+            stream = await open_stream(
+                host,
+                port or (443 if secure else 80),
+                tls=secure,
+                ssl_context=(self._ssl_context or _default_ssl_context()) if secure else None,
+                proxy=self._proxy,
+            )
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
