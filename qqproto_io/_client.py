@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Self, TypeAlias, TypeVar, overload
 
@@ -139,6 +140,8 @@ class GatewayClient:
         send_config: how replies are retried and paced (default: ``SendConfig()``).
         network: carry every connection and request over this instead of sockets (a test
             network on virtual time); ``proxy`` is then unused.
+        wall_clock: Unix time, for the reply windows (which count from a message's own
+            timestamp); a test on virtual time passes one that follows its clock.
 
     Use it as an async context manager and iterate over it for events (or over
     :meth:`shard_events` for ``(shard_id, event)`` pairs); iteration ends when every shard
@@ -169,6 +172,7 @@ class GatewayClient:
         reply_limits: ReplyLimits | None = None,
         send_config: SendConfig | None = None,
         network: Network | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config or SessionConfig()
         self.plan = ShardPlan.parse(shards) if isinstance(shards, str) else shards
@@ -194,6 +198,7 @@ class GatewayClient:
         self._reply_limits = reply_limits
         self._send_config = send_config
         self._network = network
+        self._wall_clock = wall_clock
         self.messenger: Messenger | None = None
         """Sends replies (known once entered): what bound messages reply through."""
         self._inline_handlers = False  # run() takes the events itself
@@ -230,7 +235,12 @@ class GatewayClient:
         tokens = TokenSource(api, refresh_margin=self.config.token_refresh_margin)
         self._tokens = tokens
         self.messenger = Messenger(
-            api, tokens, rng=self._rng, limits=self._reply_limits, config=self._send_config
+            api,
+            tokens,
+            rng=self._rng,
+            limits=self._reply_limits,
+            config=self._send_config,
+            wall_clock=self._wall_clock,
         )
         try:
             shards = await self._shards(api, tokens)
