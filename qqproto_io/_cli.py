@@ -39,8 +39,11 @@ if TYPE_CHECKING:
     from qqproto import Event, FatalStop
     from qqproto.testing import SimClient
     from qqproto_io._client import FatalStopError, GatewayClient
+    from qqproto_io._fake_server import FakeGatewayServer
     from qqproto_io._shards import ShardPlan
     from qqproto_io._stores import IdentifyLimiter, SnapshotStore, SqliteSnapshotStore
+    from qqproto_io._webhook import DeliveryClaims
+    from qqproto_io._webhook_front import WebhookFront
 
 __all__ = ["EXIT_CONFIG", "EXIT_FATAL", "EXIT_OK", "EXIT_USAGE", "main"]
 
@@ -157,14 +160,19 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     console = _Console(out, args.log_format, verbose=args.verbose, life_signs=args.fake)
     fatal: FatalStopError | None = None
 
-    async def session(app_id: str, secret: str, api_base: str, token_url: str) -> None:
+    async def supervised(client: GatewayClient) -> None:
+        await supervise(client, health_port=args.health_port, stop_after=args.seconds)
+
+    async def session(
+        app_id: str, secret: str, api_base: str, token_url: str, fake: FakeGatewayServer | None
+    ) -> None:
         nonlocal fatal
         async with contextlib.AsyncExitStack() as stack:
             # Everything an option names is opened first, so that a bad one is one line
             # naming it, before any connection.
-            store, limiter = None, None
+            store, limiter, claims = None, None, None
             if args.redis_url:
-                store, limiter = await _redis_fleet(stack, args.redis_url, app_id)
+                store, limiter, claims = await _redis_fleet(stack, args.redis_url, app_id)
             elif args.snapshot:
                 store = stack.enter_context(_open_snapshot_store(args.snapshot))
             client = GatewayClient(
@@ -177,11 +185,18 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
                 proxy=args.proxy,
                 store=store,
                 limiter=limiter,
+                transport="webhook" if args.webhook else "websocket",
+                webhook=args.webhook or "127.0.0.1:8080",
+                webhook_path=args.webhook_path,
+                webhook_claims=claims,
             )
             if register is not None:
                 register(client)
             try:
-                await supervise(client, health_port=args.health_port, stop_after=args.seconds)
+                if fake is not None and client.webhook is not None:
+                    await _with_feed(fake, client.webhook, console, supervised(client))
+                else:
+                    await supervised(client)
             except FatalStopError as exc:
                 fatal = exc
             except OSError as exc:
@@ -252,18 +267,23 @@ def _open_snapshot_store(path: str) -> SqliteSnapshotStore:
 async def _run_session(
     args: argparse.Namespace,
     console: _Console,
-    session: Callable[[str, str, str, str], Awaitable[None]],
+    session: Callable[[str, str, str, str, FakeGatewayServer | None], Awaitable[None]],
 ) -> None:
     """Run ``session`` against the real gateway, or the embedded fake with ``--fake``."""
     if not args.fake:
         api_base = args.api_base or (SANDBOX_API_BASE if args.sandbox else DEFAULT_API_BASE)
         await session(
-            args.app_id, args.client_secret, api_base, args.token_url or DEFAULT_TOKEN_URL
+            args.app_id, args.client_secret, api_base, args.token_url or DEFAULT_TOKEN_URL, None
         )
         return
+    what = (
+        "signed webhook callbacks, a message every 5 s"
+        if args.webhook
+        else "a message every 5 s, a rotation every 60 s"
+    )
     console.say(
         "qqproto: --fake: this session runs against the embedded fake gateway on loopback "
-        "(a message every 5 s, a rotation every 60 s), not QQ.\n"
+        f"({what}), not QQ.\n"
         "Stop with Ctrl-C. Without --fake, with QQBOT_APP_ID and QQBOT_CLIENT_SECRET set, "
         "it connects to the real QQ gateway.\n"
     )
@@ -278,17 +298,19 @@ async def _run_session(
             f"curl {server.control_url}/rest\n"
         )
         cfg = server.gateway.config
-        await session(cfg.app_id, cfg.client_secret, server.http_base, server.token_url)
+        await session(cfg.app_id, cfg.client_secret, server.http_base, server.token_url, server)
 
 
 async def _redis_fleet(
     stack: contextlib.AsyncExitStack, url: str, app_id: str
-) -> tuple[SnapshotStore, IdentifyLimiter]:
-    """The snapshot store and identify limiter of a fleet sharing one Redis (asyncio only)."""
+) -> tuple[SnapshotStore, IdentifyLimiter, DeliveryClaims]:
+    """The snapshot store, identify limiter and webhook delivery claims of a fleet sharing
+    one Redis (asyncio only)."""
     from redis.asyncio import Redis  # noqa: PLC0415 - only with --redis-url
     from redis.exceptions import RedisError  # noqa: PLC0415
 
     from qqproto_io._redis import RedisIdentifyLimiter, RedisSnapshotStore  # noqa: PLC0415
+    from qqproto_io._webhook_redis import RedisDeliveryClaims  # noqa: PLC0415
 
     redis = Redis.from_url(url, socket_connect_timeout=5.0, socket_timeout=5.0)
     stack.push_async_callback(redis.aclose)
@@ -298,7 +320,40 @@ async def _redis_fleet(
         raise UsageError(f"--redis-url {_without_password(url)}: no answer ({exc})") from None
     prefix = f"qqproto:{app_id}"  # one namespace per bot: fleets of two bots never collide
     store = await stack.enter_async_context(RedisSnapshotStore(redis, prefix=prefix))
-    return store, RedisIdentifyLimiter(redis, prefix=prefix)
+    claims = RedisDeliveryClaims(redis, prefix=prefix)
+    return store, RedisIdentifyLimiter(redis, prefix=prefix), claims
+
+
+async def _with_feed(
+    server: FakeGatewayServer, front: WebhookFront, console: _Console, main: Awaitable[None]
+) -> None:
+    """Await ``main`` while the fake platform feeds the webhook endpoint; ``main``'s error is
+    raised as itself, not in a group."""
+    error: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_feed_webhook, server, front, console)
+        try:
+            await main
+        except Exception as exc:  # noqa: BLE001 - raised again below, outside the group
+            error = exc
+        tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+
+
+async def _feed_webhook(server: FakeGatewayServer, front: WebhookFront, console: _Console) -> None:
+    """--fake with --webhook: the fake platform validates the endpoint (op 13), then posts
+    its messages to it as signed callbacks."""
+    from qqproto.testing import WebhookSigner  # noqa: PLC0415
+    from qqproto_io._fake_webhook import FakeWebhookPoster  # noqa: PLC0415
+
+    await front.listening.wait()
+    cfg = server.gateway.config
+    signer = WebhookSigner(app_id=cfg.app_id, secret=cfg.client_secret)
+    async with FakeWebhookPoster(front.url + (front.inbox.receiver.path or "/"), signer) as poster:
+        ok = await poster.validate()
+        console.say(f"qqproto: --fake: the fake platform validated {poster.url}: {ok}\n")
+        await poster.feed(server.gateway)
 
 
 def _without_password(url: str) -> str:

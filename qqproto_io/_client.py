@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -51,6 +52,7 @@ from qqproto_io._http import (
     TokenSource,
 )
 from qqproto_io._messaging import Messenger
+from qqproto_io._network import parse_address
 from qqproto_io._proxy import ProxyConfig, proxy_from_env
 from qqproto_io._shards import ShardPlan
 from qqproto_io._stores import LocalIdentifyLimiter, SqliteSnapshotStore
@@ -63,10 +65,12 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-    from qqproto import JSONValue, ReplyLimits, SendConfig
+    from qqproto import Health, JSONValue, ReplyLimits, SendConfig
     from qqproto_io._health import Metrics
     from qqproto_io._network import Network
     from qqproto_io._stores import IdentifyLimiter, SnapshotStore
+    from qqproto_io._webhook import DeliveryClaims
+    from qqproto_io._webhook_front import WebhookFront
 
 __all__ = ["FatalStopError", "GatewayClient", "Handler"]
 
@@ -142,6 +146,15 @@ class GatewayClient:
             network on virtual time); ``proxy`` is then unused.
         wall_clock: Unix time, for the reply windows (which count from a message's own
             timestamp); a test on virtual time passes one that follows its clock.
+        transport: ``"websocket"`` (the gateway) or ``"webhook"``: the platform's signed
+            HTTP callbacks, served on ``webhook`` (docs/webhooks.md). The events, handlers,
+            replies, metrics and log records are the same; a webhook client has no shards,
+            no session and no ``connections``.
+        webhook: ``HOST:PORT`` the webhook endpoint listens on (behind your TLS proxy).
+        webhook_path: the callback path it answers (``None``: any path).
+        webhook_claims: a delivery record shared by several webhook processes behind one
+            URL (``RedisDeliveryClaims``), so that a retry reaching another one is not
+            delivered twice.
 
     Use it as an async context manager and iterate over it for events (or over
     :meth:`shard_events` for ``(shard_id, event)`` pairs); iteration ends when every shard
@@ -173,6 +186,10 @@ class GatewayClient:
         send_config: SendConfig | None = None,
         network: Network | None = None,
         wall_clock: Callable[[], float] = time.time,
+        transport: str = "websocket",
+        webhook: str = "127.0.0.1:8080",
+        webhook_path: str | None = None,
+        webhook_claims: DeliveryClaims | None = None,
     ) -> None:
         self.config = config or SessionConfig()
         self.plan = ShardPlan.parse(shards) if isinstance(shards, str) else shards
@@ -199,6 +216,27 @@ class GatewayClient:
         self._send_config = send_config
         self._network = network
         self._wall_clock = wall_clock
+        if transport not in ("websocket", "webhook"):
+            raise ValueError(f"transport must be 'websocket' or 'webhook', not {transport!r}")
+        self.webhook: WebhookFront | None = None
+        """The webhook endpoint (``transport="webhook"``): its ``url``, and its
+        ``listening`` event, set once entering the client has bound the port."""
+        if transport == "webhook":
+            # Imported here: a WebSocket client never loads the webhook endpoint.
+            from qqproto_io._webhook_front import WebhookFront  # noqa: PLC0415
+
+            host, port = parse_address(webhook)
+            self.webhook = WebhookFront(
+                app_id=app_id,
+                secret=client_secret,
+                host=host,
+                port=port,
+                path=webhook_path,
+                config=self.config,
+                queue_size=max_queued_events,
+                claims=webhook_claims,
+                deliver=self._deliver_webhook,
+            )
         self.messenger: Messenger | None = None
         """Sends replies (known once entered): what bound messages reply through."""
         self._inline_handlers = False  # run() takes the events itself
@@ -243,6 +281,8 @@ class GatewayClient:
             wall_clock=self._wall_clock,
         )
         try:
+            if self.webhook is not None:
+                return await self._enter_webhook(self.webhook)
             shards = await self._shards(api, tokens)
         except BaseException:
             send.close()
@@ -271,11 +311,31 @@ class GatewayClient:
         await self._tg.__aenter__()
         self._running = len(self.drivers)
         for shard_id, driver in self.drivers.items():
-            self._tg.start_soon(self._run_driver, driver, name=f"qqproto shard {shard_id}")
+            name = f"shard {shard_id}"
+            self._tg.start_soon(self._run_driver, name, driver, name=f"qqproto {name}")
+        self._start_handlers(self._tg)
+        return self
+
+    async def _enter_webhook(self, front: WebhookFront) -> Self:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._running = 1
+        self._tg.start_soon(self._run_driver, "webhook", front, name="qqproto webhook")
+        self._start_handlers(self._tg)
+        return self
+
+    async def _deliver_webhook(self, event: Event) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(0, event)
+        # Waiting here, not dropping: the inbox behind fills and the platform is asked to
+        # retry (503), so an acknowledged event is never lost (see _webhook_front.py).
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            await self._events_send.send((0, event))
+
+    def _start_handlers(self, tg: TaskGroup) -> None:
         handlers = self._handlers or self._event_handlers or self._message_handlers
         if handlers and not self._inline_handlers:
-            self._tg.start_soon(self._run_handlers, name="qqproto handlers")
-        return self
+            tg.start_soon(self._run_handlers, name="qqproto handlers")
 
     async def _shards(self, api: RestApi, tokens: TokenSource) -> list[tuple[int, int]]:
         """The shards to run; asks ``/gateway/bot`` only when the plan says "auto"."""
@@ -332,7 +392,7 @@ class GatewayClient:
         """
         if self._running == 0:
             return
-        for driver in self.drivers.values():
+        for driver in self._runners():
             driver.request_close(end_session=end_session)
         with anyio.move_on_after(self.config.close_timeout + 1.0):
             await self._stopped.wait()
@@ -343,17 +403,21 @@ class GatewayClient:
             with anyio.move_on_after(1.0):
                 await self._stopped.wait()
 
-    async def _run_driver(self, driver: ShardDriver) -> None:
+    def _runners(self) -> list[ShardDriver | WebhookFront]:
+        """What runs the client's transport: its shard drivers, or its webhook endpoint."""
+        return [self.webhook] if self.webhook is not None else list(self.drivers.values())
+
+    async def _run_driver(self, name: str, driver: ShardDriver | WebhookFront) -> None:
         with anyio.CancelScope(shield=True) as scope:
             self._driver_scopes.append(scope)
             try:
                 await driver.run()
             except Exception as exc:
                 # A bug (the core's ERROR state): stop every shard and tell the caller.
-                log.exception("shard %s failed", driver.conn.config.shard[0])
+                log.exception("%s failed", name)
                 if self._failure is None:
                     self._failure = exc
-                for other in self.drivers.values():
+                for other in self._runners():
                     other.request_close()
                 if self._tg is not None:
                     self._tg.cancel_scope.cancel()
@@ -422,6 +486,14 @@ class GatewayClient:
         return self.messenger
 
     # --------------------------------------------------------------------- events
+
+    def healths(self) -> dict[int, Health]:
+        """Each shard's :class:`~qqproto.Health` now, by shard id (what ``/readyz`` and the
+        systemd watchdog judge); a webhook client's one entry, ``0``, is its endpoint."""
+        if self.webhook is not None:
+            return {0: self.webhook.health()}
+        now = anyio.current_time()
+        return {shard_id: d.conn.health(now) for shard_id, d in self.drivers.items()}
 
     @property
     def shard_ids(self) -> list[int]:

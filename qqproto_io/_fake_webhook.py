@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Self, TypeAlias
 
 import anyio
 import httpx
@@ -18,7 +19,15 @@ from qqproto.testing._fake_webhook import SignedRequest, WebhookRetryPolicy, Web
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from qqproto import JSONValue
+    from qqproto.testing import FakeGateway
+
 __all__ = ["Attempt", "FakeWebhookPoster", "PostReport"]
+
+log = logging.getLogger("qqproto_io.fake_webhook")
+
+_FEED_QUEUE = 1000
+_Sunk: TypeAlias = "tuple[str, JSONValue, str | None]"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,3 +149,32 @@ class FakeWebhookPoster:
         if attempt.status is None:
             return False
         return self.signer.check_validation(request, attempt.status, attempt.body)
+
+    async def feed(self, gateway: FakeGateway) -> None:
+        """Be ``gateway``'s webhook transport: post each dispatch it makes from now on (its
+        messages, ``user_message``, the control door's), signed, in order, each until it is
+        acknowledged or the retries are spent. Runs until cancelled."""
+        send, receive = anyio.create_memory_object_stream[_Sunk](_FEED_QUEUE)
+
+        def sink(t: str, d: JSONValue, event_id: str | None) -> None:
+            try:
+                send.send_nowait((t, d, event_id))
+            except anyio.WouldBlock:
+                log.warning(
+                    "fake webhook: the bot is %d callbacks behind; one dropped", _FEED_QUEUE
+                )
+
+        gateway.webhook_sink = sink
+        try:
+            async with receive:
+                async for t, d, event_id in receive:
+                    report = await self.deliver(self.signer.dispatch(t, d, event_id=event_id))
+                    if not report.acked:
+                        log.warning(
+                            "fake webhook: %s not acknowledged after %d tries",
+                            t,
+                            len(report.attempts),
+                        )
+        finally:
+            gateway.webhook_sink = None
+            send.close()

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     import httpx
     from anyio.abc import ByteStream
 
-__all__ = ["Network"]
+__all__ = ["Network", "parse_address"]
 
 
 class Network(Protocol):
@@ -29,3 +29,16 @@ class Network(Protocol):
     def http_transport(self) -> httpx.AsyncBaseTransport:
         """The httpx transport the REST client sends its requests through."""
         ...
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6) as a pair.
+
+    Raises:
+        ValueError: not ``HOST:PORT``, or a port outside 0-65535.
+    """
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:8080")
+    return host, int(port)

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from qqproto import Intents
 from qqproto_io._http import DEFAULT_TOKEN_URL
+from qqproto_io._network import parse_address
 from qqproto_io._shards import ShardPlan
 
 if TYPE_CHECKING:
@@ -186,6 +187,17 @@ def _app(value: str) -> str:
     return value
 
 
+def _address(value: str) -> str:
+    parse_address(value)  # raises ValueError with the reason
+    return value
+
+
+def _url_path(value: str) -> str:
+    if not value.startswith("/") or any(c.isspace() or c in "?#" for c in value):
+        raise ValueError("expected a path that starts with /, without spaces, ? or #")
+    return value
+
+
 def _path(value: str) -> str:
     if Path(value).is_dir():
         raise ValueError("is a directory; name a file in it")
@@ -336,6 +348,25 @@ _RUN = (
         _positive_seconds,
         None,
         "stop after this many seconds (default: run until SIGINT/SIGTERM)",
+    ),
+    Option(
+        "webhook",
+        ("--webhook",),
+        "QQBOT_WEBHOOK",
+        _address,
+        None,
+        "receive events as the platform's signed HTTP callbacks on HOST:PORT (behind your "
+        "TLS proxy) instead of the WebSocket gateway (default: the gateway)",
+        metavar="HOST:PORT",
+    ),
+    Option(
+        "webhook_path",
+        ("--webhook-path",),
+        "QQBOT_WEBHOOK_PATH",
+        _url_path,
+        None,
+        "the callback path the webhook endpoint answers, e.g. /qqbot (default: any path)",
+        metavar="PATH",
     ),
     Option(
         "app",

@@ -24,7 +24,6 @@ from qqproto_io._stall import StallMonitor
 from qqproto_io._systemd import SystemdNotifier, run_systemd
 
 if TYPE_CHECKING:
-    from qqproto import Health
     from qqproto_io._client import GatewayClient
 
 __all__ = ["supervise"]
@@ -64,10 +63,6 @@ async def supervise(
 
     fatal = None
 
-    def healths() -> dict[int, Health]:
-        now = anyio.current_time()
-        return {shard_id: conn.health(now) for shard_id, conn in client.connections.items()}
-
     try:
         async with contextlib.AsyncExitStack() as stack:
             if health_port is not None:
@@ -77,16 +72,18 @@ async def supervise(
                     client.metrics = Metrics()
                 # Bound before the first connection: a port in use is told at once.
                 await stack.enter_async_context(
-                    HealthServer(healths, client.metrics, stall=stall, port=health_port)
+                    HealthServer(client.healths, client.metrics, stall=stall, port=health_port)
                 )
             tg = await stack.enter_async_context(anyio.create_task_group())
             tg.start_soon(stall.run, name="qqproto stall monitor")
             await stack.enter_async_context(client)
             if notifier is not None:
                 names = [f"shard {shard_id}" for shard_id in client.shard_ids]
+                if client.webhook is not None:
+                    names = ["webhook"]
                 tg.start_soon(
                     functools.partial(
-                        run_systemd, notifier, lambda: list(healths().values()), names=names
+                        run_systemd, notifier, lambda: list(client.healths().values()), names=names
                     ),
                     name="qqproto systemd",
                 )

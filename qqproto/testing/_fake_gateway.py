@@ -712,6 +712,9 @@ class FakeGateway:
         self._anchors: OrderedDict[str, _Anchor] = OrderedDict()
         # What the next sends, uploads and acknowledgements get instead of an answer.
         self.rest_faults: deque[RestFault] = deque()
+        # The platform's other transport: called with (t, d, event_id) of every dispatch,
+        # for a host that posts them as signed webhook callbacks (qqproto_io's fake).
+        self.webhook_sink: Callable[[str, JSONValue, str | None], None] | None = None
         # The interaction ids acknowledged, with their code, in order.
         self.acknowledged: list[tuple[str, int]] = []
         self._uploads = 0
@@ -1070,6 +1073,8 @@ class FakeGateway:
     ) -> list[int]:
         """:meth:`dispatch`, returning the event's ``s`` in each session that got it."""
         self._remember(t, d, now)
+        if self.webhook_sink is not None:
+            self.webhook_sink(t, d, event_id)
         seqs: list[int] = []
         for session in list(self.sessions.values()):
             if session.invalid or not self.resumable(session, now):

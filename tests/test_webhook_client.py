@@ -1,0 +1,250 @@
+"""GatewayClient(transport="webhook") and `qqproto run --webhook`: one option switches a bot
+from the WebSocket to the platform's signed callbacks, and nothing else changes.
+
+The fake platform (FakeGatewayServer for the REST side, FakeWebhookPoster for the callbacks)
+posts each of its dispatches to the client's endpoint, signed, retrying a slow or failed
+ack with the same bytes, as the platform does. Every wait is on an event, bounded by BOUND.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import TextIO
+
+import anyio
+import httpx
+import pytest
+
+from qqproto import Dispatch, Message
+from qqproto.testing import FakeGatewayConfig, WebhookSigner
+from qqproto_io import FakeGatewayServer, FakeWebhookPoster, GatewayClient
+
+pytestmark = pytest.mark.anyio
+
+BOUND = 20.0
+ROOT = Path(__file__).resolve().parent.parent
+PATH = "/qqbot"
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request):
+    return request.param
+
+
+def webhook_client(server: FakeGatewayServer, **kwargs) -> GatewayClient:
+    cfg = server.gateway.config
+    return GatewayClient(
+        app_id=cfg.app_id,
+        client_secret=cfg.client_secret,
+        api_base=server.http_base,
+        token_url=server.token_url,
+        transport="webhook",
+        webhook="127.0.0.1:0",
+        webhook_path=PATH,
+        **kwargs,
+    )
+
+
+def signer_for(server: FakeGatewayServer) -> WebhookSigner:
+    cfg = server.gateway.config
+    return WebhookSigner(app_id=cfg.app_id, secret=cfg.client_secret)
+
+
+def load_ping_bot():
+    spec = importlib.util.spec_from_file_location("ping_bot_webhook", ROOT / "examples/ping_bot.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_the_ping_bot_answers_over_webhooks_unchanged_and_a_retry_is_answered_once():
+    with anyio.fail_after(BOUND):
+        async with FakeGatewayServer(FakeGatewayConfig()) as server:
+            client = webhook_client(server)
+            load_ping_bot().setup(client)
+            done = anyio.Event()
+            seen: list[Message] = []
+
+            @client.on(Message)  # after the bot's own handler
+            async def after(message: Message) -> None:
+                seen.append(message)
+                if len(seen) == 2:
+                    done.set()
+
+            assert client.webhook is not None
+            assert not client.healths()[0].ready  # not listening before it is entered
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.run)
+                await client.webhook.listening.wait()
+                assert client.healths()[0].ready
+                url = client.webhook.url + PATH
+                async with FakeWebhookPoster(url, signer_for(server)) as poster:
+                    assert await poster.validate()
+                    tg.start_soon(poster.feed, server.gateway)
+                    await anyio.wait_all_tasks_blocked()
+                    ping = server.user_message("c2c", "ping")
+                    other = server.user_message("group", " hello")
+                    await done.wait()
+                    # The platform retries a callback whose ack it missed: same bytes again.
+                    again = signer_for(server).dispatch(ping.type, ping.d, event_id=ping.event_id)
+                    assert (await poster.deliver(again)).acked
+                    await client.close()
+                    tg.cancel_scope.cancel()  # the feed runs until cancelled
+    assert [m.id for m in seen] == [ping.msg_id, other.msg_id]  # the retry was not delivered
+    assert [m.raw["id"] for m in seen] == [ping.msg_id, other.msg_id]
+    posts = server.gateway.rest_posts
+    assert [(path, body["msg_id"], body["content"]) for _, path, body in posts] == [
+        (ping.reply_path, ping.msg_id, "pong")
+    ]
+    assert client.webhook.inbox.counts.get("duplicate") == 1
+
+
+async def test_the_events_are_the_gateways_dispatches_with_the_callbacks_envelope():
+    with anyio.fail_after(BOUND):
+        async with FakeGatewayServer(FakeGatewayConfig()) as server:
+            client = webhook_client(server)
+            assert client.webhook is not None
+            async with client:
+                await client.webhook.listening.wait()
+                url = client.webhook.url + PATH
+                async with FakeWebhookPoster(url, signer_for(server)) as poster:
+                    request = signer_for(server).dispatch(
+                        "GROUP_AT_MESSAGE_CREATE", {"id": "M1", "group_openid": "G1"}, seq=7
+                    )
+                    assert (await poster.deliver(request)).acked
+                    unnumbered = signer_for(server).dispatch("FRIEND_ADD", {"openid": "U1"})
+                    assert (await poster.deliver(unnumbered)).acked
+                first = await client.__anext__()
+                second = await client.__anext__()
+    assert first == Dispatch(
+        type="GROUP_AT_MESSAGE_CREATE",
+        seq=7,
+        event_id=request.event_id,
+        data={"id": "M1", "group_openid": "G1"},
+    )
+    assert isinstance(second, Dispatch)
+    assert (second.type, second.seq) == ("FRIEND_ADD", None)
+
+
+async def test_an_application_that_falls_behind_gets_retries_not_losses():
+    # Client queue 1, inbox 1: the third event waits in the inbox and the fourth is refused
+    # with 503 d:1 until the application reads again; the platform's retry then gets in.
+    with anyio.fail_after(BOUND):
+        async with FakeGatewayServer(FakeGatewayConfig()) as server:
+            client = webhook_client(server, max_queued_events=1)
+            assert client.webhook is not None
+            signer = signer_for(server)
+            requests = [signer.message(f"m{n}") for n in range(4)]
+            async with client:
+                await client.webhook.listening.wait()
+                url = client.webhook.url + PATH
+                async with FakeWebhookPoster(url, signer) as poster:
+                    answers = []
+                    for request in requests:
+                        answers.append((await poster.post(request)).status)
+                        await anyio.wait_all_tasks_blocked()
+                    assert answers[:3] == [200, 200, 200]
+                    assert answers[3] == 503
+                    got = [await client.__anext__() for _ in range(3)]
+                    assert (await poster.deliver(requests[3])).acked
+                    got.append(await client.__anext__())
+    ids = [e.event_id for e in got if isinstance(e, Dispatch)]
+    assert ids == [r.event_id for r in requests]
+    assert client.webhook.inbox.counts.get("queue_full") == 1
+
+
+async def test_a_forged_callback_is_refused_and_never_delivered():
+    with anyio.fail_after(BOUND):
+        async with FakeGatewayServer(FakeGatewayConfig()) as server:
+            client = webhook_client(server)
+            assert client.webhook is not None
+            async with client:
+                await client.webhook.listening.wait()
+                url = client.webhook.url + PATH
+                signer = signer_for(server)
+                async with FakeWebhookPoster(url, signer) as poster:
+                    forged = signer.forge(signer.message("ping"), secret="not-the-secret")
+                    assert (await poster.post(forged)).status == 401
+                    real = signer.message("ping")
+                    assert (await poster.post(real)).status == 200
+                event = await client.__anext__()
+    assert isinstance(event, Dispatch)
+    assert event.event_id == real.event_id  # the forged one never reached the queue
+
+
+def test_transport_must_be_one_of_the_two():
+    with pytest.raises(ValueError, match="transport"):
+        GatewayClient(app_id="1", client_secret="s", transport="carrier-pigeon")
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        GatewayClient(app_id="1", client_secret="s", transport="webhook", webhook="8080")
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+CLEAN = {k: v for k, v in os.environ.items() if not k.startswith("QQBOT_")}
+
+
+def test_run_fake_webhook_serves_the_ping_bot_end_to_end():
+    """`qqproto run --fake --webhook`: the fake validates the endpoint, a user's ping reaches
+    the bot as a signed callback, and its pong reaches the fake's REST side; the JSON log
+    has the same dispatch records as over the WebSocket."""
+    code = "import sys; from qqproto_io._cli import main; sys.exit(main(sys.argv[1:]))"
+    args = ["run", "--fake", "--webhook", "127.0.0.1:0", "--webhook-path", PATH]
+    args += ["--app", "ping_bot:setup", "--log-format", "json", "-v"]
+    proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-c", code, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CLEAN,
+        cwd=ROOT / "examples",
+    )
+    assert proc.stdout is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+    seen: list[str] = []
+
+    def read(stream: TextIO) -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, args=(proc.stdout,), daemon=True).start()
+
+    def until(pattern: str) -> re.Match[str]:
+        while True:
+            line = lines.get(timeout=BOUND)  # raises queue.Empty: the bound
+            if line is None:
+                pytest.fail(f"{pattern!r} never printed:\n{''.join(seen)}")
+            seen.append(line)
+            found = re.search(pattern, line)
+            if found:
+                return found
+
+    try:
+        fake = until(r"fake gateway listening on (http://127\.0\.0\.1:\d+)").group(1)
+        until(r"webhook endpoint listening on")
+        answer = httpx.post(f"{fake}/_fake/messages", json={"kind": "c2c", "content": "ping"})
+        assert answer.status_code == 200
+        until(r"POST /v2/users/FAKEUSEROPENID0001/messages -> 200")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=BOUND)
+    assert proc.returncode == 0, err
+    while (line := lines.get(timeout=BOUND)) is not None:
+        seen.append(line)
+    records = [json.loads(line) for line in seen if line.startswith("{")]
+    dispatches = [r for r in records if r.get("event") == "dispatch"]
+    assert dispatches
+    assert all(r["state"] == "WEBHOOK" and r["seq"] is None for r in dispatches)
+    assert "Traceback" not in err
