@@ -7,6 +7,7 @@ the rates; ``maxrss`` is the process's own peak (``ru_maxrss``), whole life incl
 
 Modes:
     bare      anyio + wsproto + json.loads; no protocol logic (the baseline)
+    websockets  the same bare loop on the `websockets` library (an anchor)
     qqproto   qqproto_io.GatewayClient, iterating events and counting Dispatch
     botpy     the official SDK (qq-botpy), its base URLs patched here at run time
     bytes     a raw socket counting bytes (shows the server is not the bottleneck)
@@ -113,6 +114,27 @@ async def run_bare(port: int, count: int) -> dict[str, object]:
                     return meter.result()
             elif op == 10:
                 await stream.send(ws.send(TextMessage(data=_identify())))
+
+
+async def run_websockets(port: int, count: int) -> dict[str, object]:
+    """The same bare loop on the `websockets` library (its C-accelerated frame reader)."""
+    from websockets.asyncio.client import connect
+
+    meter = Meter(count)
+    loads = json.loads
+    # No compression (the bench server offers none) and no size limit, as the bare client.
+    async with connect(
+        f"ws://127.0.0.1:{port}/websocket", compression=None, max_size=None, ping_interval=None
+    ) as ws:
+        async for text in ws:
+            msg = loads(text)
+            op = msg["op"]
+            if op == 0 and msg["t"] != "READY":
+                if meter.tick():
+                    return meter.result()
+            elif op == 10:
+                await ws.send(_identify())
+    return meter.result()
 
 
 # ------------------------------------------------------------------------------ bytes
@@ -312,7 +334,10 @@ async def run_botpy_idle(port: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("bare", "qqproto", "botpy", "bytes", "idle", "botpy-idle"))
+    parser.add_argument(
+        "mode",
+        choices=("bare", "websockets", "qqproto", "botpy", "bytes", "idle", "botpy-idle"),
+    )
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--count", type=int, default=50_000)
     parser.add_argument("--seconds", type=float, default=60.0, help="idle: the window")
@@ -326,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         import anyio
 
         emit(anyio.run(run_bare, args.port, args.count))
+    elif args.mode == "websockets":
+        emit(asyncio.run(run_websockets(args.port, args.count)))
     elif args.mode == "qqproto":
         import anyio
 

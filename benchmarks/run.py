@@ -10,7 +10,8 @@ same run (interleaved rounds, medians), and nothing here asserts a time: the exi
 
 Figures:
   1. receive path over loopback: bare anyio+wsproto+json baseline, qqproto GatewayClient,
-     botpy (qq-botpy, if installed), a byte counter; each client in its own process
+     botpy (qq-botpy, if installed), a byte counter, and as an anchor the same bare loop on
+     the `websockets` library; each client in its own process
   2. the core alone: GatewayConnection.receive() + drain() vs json.loads
   3. simulation speed: one session for a virtual day; 100 shards for a virtual hour
   4. memory: bytes per connection object; RSS and gc objects over 10,000 reconnect cycles
@@ -147,7 +148,7 @@ def figure_receive(quick: bool, profile: bool) -> list[Row]:
     count = 5_000 if quick else 50_000
     rounds = 1 if quick else 5
     no_botpy = botpy_missing()
-    modes = ["bare", "qqproto"] + ([] if no_botpy else ["botpy"]) + ["bytes"]
+    modes = ["bare", "qqproto"] + ([] if no_botpy else ["botpy"]) + ["bytes", "websockets"]
     samples: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     errors: dict[str, str] = {}
     server = Server(count=count, interval_ms=41_250)
@@ -175,10 +176,11 @@ def figure_receive(quick: bool, profile: bool) -> list[Row]:
         "qqproto": "(b) qqproto_io.GatewayClient",
         "botpy": "(c) botpy (qq-botpy)",
         "bytes": "(d) byte counter (server ceiling)",
+        "websockets": "(e) bare websockets+json.loads (anchor)",
     }
     rows = []
     head = f"1 receive, {count:,} x ~1 KB, {rounds} round(s), median"
-    for mode in ["bare", "qqproto", "botpy", "bytes"]:
+    for mode in ["bare", "qqproto", "botpy", "bytes", "websockets"]:
         rate = med(mode, "rate")
         if mode == "botpy" and no_botpy:
             rows.append(Row(head, label[mode], f"n/a: {no_botpy}"))
@@ -222,7 +224,12 @@ def figure_receive(quick: bool, profile: bool) -> list[Row]:
                 verdict(q / bare >= 1.0),
             )
         )
-    fastest = max((r for r in (q, bare, bp) if r), default=None)
+    ws_rate = med("websockets", "rate")
+    if ws_rate and bare:
+        rows.append(Row(head, "bare websockets / bare wsproto (disp/s)", f"{ws_rate / bare:.2f}x"))
+    if q and ws_rate:
+        rows.append(Row(head, "qqproto / bare websockets (disp/s)", f"{q / ws_rate:.2f}x"))
+    fastest = max((r for r in (q, bare, bp, ws_rate) if r), default=None)
     if ceiling and fastest:
         rows.append(
             Row(

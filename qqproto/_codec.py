@@ -46,6 +46,7 @@ __all__ = [
     "JSONValue",
     "Opcode",
     "Payload",
+    "decode_object",
     "decode_payload",
     "encode_heartbeat",
     "encode_identify",
@@ -156,6 +157,15 @@ def decode_payload(
         error = None
     if error is not None:
         raise error
+    return decode_object(obj)
+
+
+def decode_object(obj: JSONValue) -> Payload:
+    """Check the envelope of a payload already parsed by ``orjson.loads``.
+
+    Raises:
+        InvalidEnvelope, UnknownOpcode: as :func:`decode_payload`.
+    """
     if type(obj) is not dict:
         raise InvalidEnvelope(f"payload is a JSON {_json_type(obj)}, not an object", field=None)
     return _envelope(obj)

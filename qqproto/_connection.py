@@ -7,9 +7,10 @@
 # commands to execute (open, send, close, abort, fetch a token, ...) and events to report.
 # Nothing here blocks, sleeps, reads a clock or draws from the global random generator.
 #
-# Lifecycle changes go through the pytransitions Machine declared in `_states.py` (one per
-# connection). The connection decides which trigger an input means, records *why* (the
-# `_Exit` of a connection: its close policy, code and reason), fires the trigger, and then
+# Lifecycle changes go through the pytransitions Machine declared in `_states.py` (one for
+# all connections; each connection's `_Model` carries its own state). The connection decides
+# which trigger an input means, records *why* (the `_Exit` of a connection: its close
+# policy, code and reason), fires the trigger, and then
 # runs the entry action of the state it landed in. All consequences of a disconnect - the
 # failure counters, the resume budget, dropping the session, the delay - are settled in one
 # place, `_settle`, when the connection is really gone (BACKOFF or STOPPED).
@@ -25,8 +26,9 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Concatenate, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Concatenate, Literal, ParamSpec, TypeVar, cast
 
+import orjson
 from transitions import MachineError
 
 from qqproto._backoff import full_jitter_delay
@@ -50,6 +52,7 @@ from qqproto._close_codes import (
 from qqproto._codec import (
     Opcode,
     Payload,
+    decode_object,
     decode_payload,
     encode_heartbeat,
     encode_identify,
@@ -74,6 +77,7 @@ from qqproto._outputs import (
     CloseConnection,
     Disconnected,
     DisconnectStorm,
+    Dispatch,
     DuplicateDropped,
     FatalStop,
     FetchGateway,
@@ -92,11 +96,12 @@ from qqproto._outputs import (
     SessionInvalidated,
     StateChanged,
     ZombieDetected,
+    _DispatchDraft,
     make_dispatch,
 )
 from qqproto._rest import SessionStartLimit, check_gateway_url, parse_expires_in
 from qqproto._snapshot import SessionSnapshot
-from qqproto._states import SessionState, Trigger, build_machine
+from qqproto._states import SessionState, Trigger, shared_machine
 
 if TYPE_CHECKING:
     import random
@@ -156,6 +161,12 @@ def _seconds(name: str, value: float) -> float:
     return float(value)
 
 
+# receive()'s default for a missing `attempt`: a misuse, reported as one (not a TypeError).
+_NO_ATTEMPT: int = cast("int", object())
+_loads = orjson.loads
+_JSONDecodeError = orjson.JSONDecodeError
+_READY = _S.READY
+
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -183,6 +194,7 @@ class _Exit:
 class _Model:
     """The object pytransitions drives; it only answers the guards of `_states.GUARDS`."""
 
+    __slots__ = ("_conn", "state")
     state: SessionState
 
     def __init__(self, conn: GatewayConnection) -> None:
@@ -303,9 +315,11 @@ class GatewayConnection:
         self._seen_events = SeenIds(max_items=cfg.dedup_max_ids, max_age=cfg.dedup_max_age)
         self._seen_messages = SeenIds(max_items=cfg.dedup_max_ids, max_age=cfg.dedup_max_age)
         self._dedup_types = cfg.dedup_event_types
+        self._max_payload_size = cfg.max_payload_size
 
         self._model = _Model(self)
-        self._machine = build_machine(self._model)
+        self._model.state = _S.IDLE
+        self._machine = shared_machine()
         self._entry: dict[SessionState, Callable[[float], None]] = {
             _S.PREPARING: self._enter_preparing,
             _S.CONNECTING: self._enter_connecting,
@@ -706,8 +720,9 @@ class GatewayConnection:
             self._exit = _Exit(policy, code, reason or policy.meaning, by_server=True)
         self._fire_or_raise("transport_closed", f"transport closed ({code})")
 
-    @_api
-    def receive(self, payload: str | bytes, now: float, *, attempt: int) -> None:
+    def receive(
+        self, payload: str | bytes, now: float, *, attempt: int = _NO_ATTEMPT, **unknown: object
+    ) -> None:
         """Feed one complete WebSocket text message.
 
         Bad input never raises: it becomes a :class:`ProtocolViolation` event and is skipped
@@ -717,12 +732,99 @@ class GatewayConnection:
             payload: the message, ``str`` or UTF-8 ``bytes``.
             now: the caller's clock.
             attempt: the ``OpenConnection.attempt`` of the transport it came from: a message
-                from a transport the core has given up on is ignored.
+                from a transport the core has given up on is ignored. Required.
+            unknown: none is accepted; any keyword besides ``attempt`` is a misuse.
 
         Raises:
-            LocalProtocolError: ``payload`` is neither ``str`` nor ``bytes``, or no transport
-                is open (nothing can have been received).
+            LocalProtocolError: ``payload`` is neither ``str`` nor ``bytes``, ``attempt`` is
+                missing or not an int, an unknown keyword, or no transport is open (nothing
+                can have been received).
         """
+        # The per-dispatch path: one call per message, so it is not behind _api's generic
+        # (*args, **kwargs) wrapper, and the common case - an in-order dispatch in READY on
+        # the live transport, with a plain float clock - is checked and handled inline.
+        # Anything else takes the general path below, which checks and decodes from scratch.
+        if (
+            unknown
+            or self._broken is not None
+            or type(attempt) is not int
+            or attempt != self._live_attempt
+            or self._model.state is not _READY
+            or (type(payload) is not str and type(payload) is not bytes)
+            or len(payload) > self._max_payload_size
+        ):
+            self._receive(payload, now, attempt, unknown)
+            return
+        try:
+            now = self._clock(now)
+            try:
+                obj = _loads(payload)
+            except _JSONDecodeError:
+                self._receive(payload, now, attempt, unknown)  # classifies the error
+                return
+            if type(obj) is dict:
+                get = obj.get
+                op = get("op")
+                s = get("s")
+                t = get("t")
+                event_id = get("id")
+                session = self._session
+                # Two comparisons, not `t not in {...}`: a set would hash the new str.
+                if (
+                    op == 0  # noqa: PLR1714
+                    and type(op) is int
+                    and type(s) is int
+                    and type(t) is str
+                    and (event_id is None or type(event_id) is str)
+                    and session is not None
+                    and session.seq is not None
+                    and s == session.seq + 1
+                    and t != "READY"
+                    and t != "RESUMED"
+                ):
+                    self._alive_at = now
+                    session.seq = s
+                    out = self._outputs
+                    if event_id is not None and self._seen_events.check_and_add(event_id, now):
+                        out.append(DuplicateDropped(type=t, seq=s, key="event_id"))
+                        return
+                    d = get("d")
+                    if t in self._dedup_types and type(d) is dict:
+                        message_id = d.get("id")
+                        if type(message_id) is str and self._seen_messages.check_and_add(
+                            message_id, now
+                        ):
+                            out.append(DuplicateDropped(type=t, seq=s, key="message_id"))
+                            return
+                    # make_dispatch's body, inline: a call less per dispatch.
+                    draft = _DispatchDraft()
+                    draft.type = t
+                    draft.seq = s
+                    draft.event_id = event_id
+                    draft.data = d
+                    draft.__class__ = Dispatch  # type: ignore[assignment]
+                    out.append(draft)
+                    return
+            try:
+                p = decode_object(obj)
+            except RemoteProtocolError as err:
+                self._violation(err)
+                return
+            self._alive_at = now
+            self._on_payload(p, _READY, now)
+        except QQProtoError:
+            raise
+        except Exception as exc:
+            self._break(exc)
+            raise
+
+    @_api
+    def _receive(
+        self, payload: str | bytes, now: float, attempt: int, unknown: dict[str, object]
+    ) -> None:
+        if unknown:
+            name = next(iter(unknown))
+            raise LocalProtocolError(f"receive() got an unexpected keyword argument {name!r}")
         if type(payload) is not str and type(payload) is not bytes:
             raise LocalProtocolError(f"payload must be str or bytes, not {type(payload).__name__}")
         if type(attempt) is not int:
@@ -734,11 +836,14 @@ class GatewayConnection:
         if state not in _RECEIVING:
             raise LocalProtocolError(f"receive() in state {state.name}: no transport is open")
         try:
-            p = decode_payload(payload, max_size=self._config.max_payload_size)
+            p = decode_payload(payload, max_size=self._max_payload_size)
         except RemoteProtocolError as err:
             self._violation(err)
             return
         self._alive_at = now
+        self._on_payload(p, state, now)
+
+    def _on_payload(self, p: Payload, state: SessionState, now: float) -> None:
         op = p.op
         if op is Opcode.DISPATCH:
             self._on_dispatch(p, state, now)

@@ -52,9 +52,18 @@ class SeenIds:
         if seen_at is not None and now - seen_at <= self._max_age:
             return True
         items[key] = now
-        self._order.append((now, key))
-        if now > self._expires_at or len(items) > self._max_items:
+        order = self._order
+        order.append((now, key))
+        if now > self._expires_at:
             self._expire(now)
+        elif len(items) > self._max_items:
+            # A busy shard's steady state (more than max_items ids per max_age): one in, one
+            # out, here rather than in a call per dispatch to _expire.
+            at, oldest = order.popleft()
+            if items.get(oldest) == at:
+                del items[oldest]
+            else:
+                self._expire(now)  # that entry was stale: let _expire walk on
         return False
 
     def _expire(self, now: float) -> None:

@@ -12,11 +12,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, TypeAlias
+from typing import TYPE_CHECKING, Literal, TypeAlias, cast
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from qqproto._close_codes import NextStep
     from qqproto._codec import JSONValue, Opcode
     from qqproto._errors import RemoteProtocolError
@@ -223,24 +221,29 @@ class Dispatch(Event):
     data: JSONValue = field(repr=False)
 
 
-# The per-dispatch path builds Dispatch through the slot descriptors: a frozen dataclass's
-# __init__ goes through object.__setattr__ per field, 2.0 us against 0.8 us here. Same
-# object, same immutability for everyone else.
-_new = object.__new__
-_set_type: Callable[[Dispatch, object], None] = vars(Dispatch)["type"].__set__
-_set_seq: Callable[[Dispatch, object], None] = vars(Dispatch)["seq"].__set__
-_set_event_id: Callable[[Dispatch, object], None] = vars(Dispatch)["event_id"].__set__
-_set_data: Callable[[Dispatch, object], None] = vars(Dispatch)["data"].__set__
+class _DispatchDraft(Event):
+    """Dispatch's mutable twin: the same base and slots, so the same object layout."""
+
+    __slots__ = ("data", "event_id", "seq", "type")
+    type: str
+    seq: int | None
+    event_id: str | None
+    data: JSONValue
 
 
 def make_dispatch(t: str, seq: int | None, event_id: str | None, data: JSONValue) -> Dispatch:
     """Build a :class:`Dispatch` fast (equal to ``Dispatch(type=t, seq=seq, ...)``)."""
-    out: Dispatch = _new(Dispatch)
-    _set_type(out, t)
-    _set_seq(out, seq)
-    _set_event_id(out, event_id)
-    _set_data(out, data)
-    return out
+    # A frozen dataclass's __init__ goes through object.__setattr__ per field (about 1 us a
+    # dispatch). The twin's plain attribute stores, then a __class__ assignment (allowed
+    # between classes of the same layout), build the very same object in a fifth of that;
+    # once it is a Dispatch it is as immutable as any other.
+    out = _DispatchDraft()
+    out.type = t
+    out.seq = seq
+    out.event_id = event_id
+    out.data = data
+    out.__class__ = Dispatch  # type: ignore[assignment]
+    return cast("Dispatch", out)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

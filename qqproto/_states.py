@@ -18,7 +18,7 @@
 # input means and does the work of entering a state; pytransitions checks that the trigger is
 # allowed from the current state and picks the destination, evaluating the guards named here.
 # The state diagram (`state_diagram.md`, made by `_diagram.py`) and the totality test read the
-# very Machine that `build_machine` returns, so the picture cannot drift from the code.
+# very Machine that `shared_machine` returns, so the picture cannot drift from the code.
 #
 # Hot-path inputs (dispatches, heartbeat ACKs, the heartbeat timer) never go through a
 # trigger: a pytransitions trigger costs 5-10 us, which is more than parsing the payload.
@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from enum import Enum
 from typing import TYPE_CHECKING, Literal
@@ -42,7 +43,14 @@ if _TRANSITIONS_LOG.level == logging.NOTSET:
 if TYPE_CHECKING:
     from transitions.core import TransitionConfigDict
 
-__all__ = ["GUARDS", "STATE_DOCS", "TRANSITIONS", "SessionState", "Trigger", "build_machine"]
+__all__ = [
+    "GUARDS",
+    "STATE_DOCS",
+    "TRANSITIONS",
+    "SessionState",
+    "Trigger",
+    "shared_machine",
+]
 
 
 class SessionState(Enum):
@@ -185,15 +193,19 @@ TRANSITIONS: list[TransitionConfigDict] = [
 ]
 
 
-def build_machine(model: object) -> Machine:
-    """Build the lifecycle Machine for one connection's private model.
+@functools.cache
+def shared_machine() -> Machine:
+    """The lifecycle Machine every connection fires its triggers on: built once, no model.
 
-    The model must have a ``state`` attribute (set here) and one boolean method per name in
-    :data:`GUARDS`. One Machine per connection: it is small (about 25 KB) and avoids a
-    shared mutable Machine holding strong references to every model.
+    A Machine of its own cost each connection about 50 KB. This one holds no model (none
+    is added: the machine keeps no reference to any connection, so none leaks), and
+    ``Event.trigger(model)`` takes the model to move as an argument; the model then carries
+    its own ``state`` (start it at ``SessionState.IDLE``) and the guard methods of
+    :data:`GUARDS`. Unqueued (``queued=False``), a trigger mutates nothing on the machine,
+    so connections in different threads may share it.
     """
     return Machine(
-        model=model,
+        model=None,
         states=SessionState,
         transitions=TRANSITIONS,
         initial=SessionState.IDLE,

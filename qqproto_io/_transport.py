@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
@@ -49,6 +50,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from qqproto_io._frames import FrameSplitter, Raw
 from qqproto_io._proxy import ProxyConfig, open_stream
 
 if TYPE_CHECKING:
@@ -116,6 +118,10 @@ class TransportClosed:
 TransportReport = TransportOpened | TransportMessages | TransportOversized | TransportClosed
 
 _READ_SIZE = 65536
+# Where h11 ends a response head (it takes a bare LF as a line end), and how long a head may
+# get before it is handed to h11 to refuse (h11's own limit is 16 KiB).
+_HEAD_END = re.compile(rb"\n\r?\n")
+_MAX_HEAD = 1 << 16
 # Exception types whose text is safe to put in a reason: they describe the network, the URL
 # or the handshake, never a payload or a credential. Anything else is named by type alone.
 _TELLING = (OSError, RemoteProtocolError, ValueError)
@@ -198,6 +204,7 @@ class Transport:
         self._outgoing_receive = receive
         self._ws = WSConnection(ConnectionType.CLIENT)
         self._reported_closed = False
+        self._tail: bytes | None = b""  # read with the upgrade's answer, after its head
 
     def start(self, task_group: TaskGroup) -> None:
         """Begin connecting in the background."""
@@ -326,7 +333,9 @@ class Transport:
         if parts.query:
             target += "?" + parts.query
         try:
-            await self._upgrade(stream, host if port is None else f"{host}:{port}", target)
+            self._tail = await self._upgrade(
+                stream, host if port is None else f"{host}:{port}", target
+            )
         except BaseException:
             # _run closes only a stream it was handed: a refused upgrade must not leak it.
             with contextlib.suppress(Exception):
@@ -334,18 +343,36 @@ class Transport:
             raise
         return stream
 
-    async def _upgrade(self, stream: ByteStream, netloc: str, target: str) -> None:
-        await stream.send(self._ws.send(Request(host=netloc, target=target)))
+    async def _upgrade(self, stream: ByteStream, netloc: str, target: str) -> bytes | None:
+        """Upgrade; return the bytes read after the response head (frames: the splitter's).
+
+        ``None`` when wsproto was given everything (a head too long to find): then the
+        splitter is not used on this connection.
+        """
+        ws = self._ws
+        await stream.send(ws.send(Request(host=netloc, target=target)))
+        pending = b""
         while True:
-            data = await stream.receive(_READ_SIZE)
-            self._ws.receive_data(data)
-            for event in self._ws.events():
-                if isinstance(event, AcceptConnection):
-                    await self._report(TransportOpened(self.ident))
-                    return
-                if isinstance(event, RejectConnection | RejectData):
-                    status = getattr(event, "status_code", "?")
-                    raise RemoteProtocolError(f"upgrade rejected (HTTP {status})", None)
+            pending += await stream.receive(_READ_SIZE)
+            while pending:
+                # wsproto gets the response head only, up to the blank line that ends it
+                # for h11, so that its frame buffer starts empty and the splitter owns the
+                # frames after it.
+                match = _HEAD_END.search(pending)
+                if match is not None:
+                    head, pending = pending[: match.end()], pending[match.end() :]
+                elif len(pending) > _MAX_HEAD:
+                    head, pending = pending, b""  # h11 judges it (and refuses it)
+                else:
+                    break  # wait for the rest of the head
+                ws.receive_data(head)
+                for event in ws.events():
+                    if isinstance(event, AcceptConnection):
+                        await self._report(TransportOpened(self.ident))
+                        return pending if match is not None else None
+                    if isinstance(event, RejectConnection | RejectData):
+                        status = getattr(event, "status_code", "?")
+                        raise RemoteProtocolError(f"upgrade rejected (HTTP {status})", None)
 
     async def _write(self, stream: ByteStream) -> None:
         try:
@@ -368,17 +395,17 @@ class Transport:
         size = 0  # bytes of the message so far: an upper bound until `exact`
         exact = False
         dropping = False  # the message is over the cap: count its pieces, keep none
-        # Parse first, read second: the read that completed the handshake may already hold
-        # the Hello, and it must not wait for the next packet (which may never come).
-        data: bytes | None = b""
         lost = "connection lost (EOF)"
         batch: list[str | bytes] = []
-        while True:
+
+        async def absorb() -> bool:
+            """Take wsproto's events; True once the connection has ended."""
+            nonlocal size, exact, dropping
             for event in ws.events():
                 piece: str | bytes
                 if isinstance(event, TextMessage):
                     piece = event.data
-                    # The hot path: a whole message in one piece, well within the cap.
+                    # A whole message in one piece, well within the cap.
                     if (
                         event.message_finished
                         and not pieces
@@ -409,7 +436,7 @@ class Transport:
                             self._report_closed(None, lost)
                         else:
                             self._report_closed(event.code, event.reason or "")
-                        return
+                        return True
                     continue  # a Pong: nothing to do
                 # A fragment, a message near the cap, or one being dropped.
                 if exact or dropping:
@@ -436,6 +463,29 @@ class Transport:
                         batch.append(b"".join(cast("list[bytes]", pieces)))
                     pieces.clear()
                     size, exact, dropping = 0, False, False
+            return False
+
+        # The common frames are cut and decoded by the splitter; wsproto gets the rest, in
+        # order (see _frames.py). Without a tail (a head h11 had to judge whole) wsproto
+        # holds the stream already and keeps all of it.
+        splitter = FrameSplitter(max_size=cap) if self._tail is not None else None
+        # Parse first, read second: the read that completed the handshake may already hold
+        # the Hello, and it must not wait for the next packet (which may never come).
+        data: bytes | None = self._tail or b""
+        self._tail = b""
+        while True:
+            if splitter is not None and data:
+                for item in splitter.feed(data):
+                    if type(item) is str:
+                        batch.append(item)
+                    else:
+                        ws.receive_data(cast("Raw", item).data)
+                        if await absorb():
+                            return
+            else:
+                ws.receive_data(data)
+                if await absorb():
+                    return
             await self._report_messages(batch)
             if data is None:
                 self._report_closed(None, lost)
@@ -447,7 +497,6 @@ class Transport:
             except (anyio.BrokenResourceError, OSError) as exc:
                 data = None
                 lost = f"connection lost ({_describe(exc)})"
-            ws.receive_data(data)
 
     def _send_control(self, event: Event) -> None:
         # Callers check the state first; this is the last guard against a frame the state
