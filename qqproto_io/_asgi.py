@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import anyio
 
 from qqproto._webhook import WebhookResponse
+from qqproto_io._webhook import content_length
 
 if TYPE_CHECKING:
     from qqproto_io._webhook import WebhookInbox
@@ -68,7 +69,7 @@ class WebhookApp:
             (bytes(k), bytes(v)) for k, v in scope.get("headers", ())
         ]
         pre = inbox.precheck(
-            method=method, path=path, headers=headers, content_length=_content_length(headers)
+            method=method, path=path, headers=headers, content_length=content_length(headers)
         )
         if pre is not None:
             await _respond(send, pre.response)
@@ -122,13 +123,3 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif kind == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
-
-
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    for name, value in headers:
-        if name.lower() == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None

@@ -194,7 +194,7 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
                 register(client)
             try:
                 if fake is not None and client.webhook is not None:
-                    await _with_feed(fake, client.webhook, console, supervised(client))
+                    await _with_feed(fake, client.webhook, supervised(client))
                 else:
                     await supervised(client)
             except FatalStopError as exc:
@@ -324,14 +324,12 @@ async def _redis_fleet(
     return store, RedisIdentifyLimiter(redis, prefix=prefix), claims
 
 
-async def _with_feed(
-    server: FakeGatewayServer, front: WebhookFront, console: _Console, main: Awaitable[None]
-) -> None:
+async def _with_feed(server: FakeGatewayServer, front: WebhookFront, main: Awaitable[None]) -> None:
     """Await ``main`` while the fake platform feeds the webhook endpoint; ``main``'s error is
     raised as itself, not in a group."""
     error: Exception | None = None
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_feed_webhook, server, front, console)
+        tg.start_soon(_feed_webhook, server, front)
         try:
             await main
         except Exception as exc:  # noqa: BLE001 - raised again below, outside the group
@@ -341,7 +339,7 @@ async def _with_feed(
         raise error
 
 
-async def _feed_webhook(server: FakeGatewayServer, front: WebhookFront, console: _Console) -> None:
+async def _feed_webhook(server: FakeGatewayServer, front: WebhookFront) -> None:
     """--fake with --webhook: the fake platform validates the endpoint (op 13), then posts
     its messages to it as signed callbacks."""
     from qqproto.testing import WebhookSigner  # noqa: PLC0415
@@ -351,9 +349,7 @@ async def _feed_webhook(server: FakeGatewayServer, front: WebhookFront, console:
     cfg = server.gateway.config
     signer = WebhookSigner(app_id=cfg.app_id, secret=cfg.client_secret)
     async with FakeWebhookPoster(front.url + (front.inbox.receiver.path or "/"), signer) as poster:
-        ok = await poster.validate()
-        console.say(f"qqproto: --fake: the fake platform validated {poster.url}: {ok}\n")
-        await poster.feed(server.gateway)
+        await poster.feed(server.gateway, validate=True)
 
 
 def _without_password(url: str) -> str:

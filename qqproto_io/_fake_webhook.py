@@ -150,10 +150,13 @@ class FakeWebhookPoster:
             return False
         return self.signer.check_validation(request, attempt.status, attempt.body)
 
-    async def feed(self, gateway: FakeGateway) -> None:
+    async def feed(self, gateway: FakeGateway, *, validate: bool = False) -> None:
         """Be ``gateway``'s webhook transport: post each dispatch it makes from now on (its
         messages, ``user_message``, the control door's), signed, in order, each until it is
-        acknowledged or the retries are spent. Runs until cancelled."""
+        acknowledged or the retries are spent. Runs until cancelled.
+
+        With ``validate``, first run the console's validation (:meth:`validate`) and log its
+        result; dispatches made meanwhile wait for it, none is lost."""
         send, receive = anyio.create_memory_object_stream[_Sunk](_FEED_QUEUE)
 
         def sink(t: str, d: JSONValue, event_id: str | None) -> None:
@@ -166,6 +169,11 @@ class FakeWebhookPoster:
 
         gateway.webhook_sink = sink
         try:
+            if validate:
+                ok = await self.validate()
+                log.info(
+                    "fake webhook: validation of %s %s", self.url, "passed" if ok else "FAILED"
+                )
             async with receive:
                 async for t, d, event_id in receive:
                     report = await self.deliver(self.signer.dispatch(t, d, event_id=event_id))

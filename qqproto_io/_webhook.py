@@ -282,7 +282,8 @@ class WebhookInbox:
             await handler(app_id, event)
 
 
-def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+def content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """The ``Content-Length`` a request head declares, or ``None`` (absent or not a number)."""
     for name, value in headers:
         if name.lower() == b"content-length":
             try:
@@ -427,7 +428,7 @@ class WebhookServer:
                         method=request.method,
                         path=request.target,
                         headers=request.headers,
-                        content_length=_content_length(request.headers),
+                        content_length=content_length(request.headers),
                     )
                     if pre is not None:
                         early = pre.response

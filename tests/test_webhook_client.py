@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TextIO
 
@@ -207,7 +208,8 @@ def test_run_fake_webhook_serves_the_ping_bot_end_to_end():
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=CLEAN,
+        # The tree under test first (the child runs from examples/, to find ping_bot).
+        env={**CLEAN, "PYTHONPATH": str(ROOT)},
         cwd=ROOT / "examples",
     )
     assert proc.stdout is not None
@@ -221,9 +223,14 @@ def test_run_fake_webhook_serves_the_ping_bot_end_to_end():
 
     threading.Thread(target=read, args=(proc.stdout,), daemon=True).start()
 
+    deadline = time.monotonic() + 3 * BOUND  # for the whole exchange, however chatty
+
     def until(pattern: str) -> re.Match[str]:
         while True:
-            line = lines.get(timeout=BOUND)  # raises queue.Empty: the bound
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"{pattern!r} not printed in time:\n{''.join(seen)}")
+            line = lines.get(timeout=left)  # raises queue.Empty: the bound
             if line is None:
                 pytest.fail(f"{pattern!r} never printed:\n{''.join(seen)}")
             seen.append(line)
@@ -233,7 +240,7 @@ def test_run_fake_webhook_serves_the_ping_bot_end_to_end():
 
     try:
         fake = until(r"fake gateway listening on (http://127\.0\.0\.1:\d+)").group(1)
-        until(r"webhook endpoint listening on")
+        until(r"fake webhook: validation of http://127\.0\.0\.1:\d+/qqbot passed")
         answer = httpx.post(f"{fake}/_fake/messages", json={"kind": "c2c", "content": "ping"})
         assert answer.status_code == 200
         until(r"POST /v2/users/FAKEUSEROPENID0001/messages -> 200")
