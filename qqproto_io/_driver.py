@@ -128,7 +128,6 @@ class ShardDriver:
         self._inbox_receive: MemoryObjectReceiveStream[object] = receive
         self._transport: Transport | None = None
         self._tg: TaskGroup | None = None
-        self.transports_opened = 0
         self._max_concurrency: int | None = None  # of the last permit asked for
         # The request tasks in flight, each in its own scope, for AbandonRequest to cancel.
         self._requests: dict[str, anyio.CancelScope] = {}
@@ -324,7 +323,6 @@ class ShardDriver:
         assert self._tg is not None
         if self._transport is not None:  # the core never asks for two; be safe anyway
             self._transport.abort()
-        self.transports_opened += 1
         transport = Transport(
             attempt,
             url,

@@ -391,12 +391,6 @@ class TokenSource:
         self._token: str | None = None
         self._expires_at = float("-inf")
         self._fetched_at = float("-inf")
-        self.fetches = 0
-
-    @property
-    def current(self) -> str | None:
-        """The last token fetched, or ``None`` (never logged; for diagnostics and tests)."""
-        return self._token
 
     async def get(self, *, force: bool = False) -> TokenGrant:
         """A token and its remaining life.
@@ -413,7 +407,6 @@ class TokenSource:
             ):
                 return TokenGrant(self._token, max(0.0, self._expires_at - now))
             grant = await self._api.fetch_token()
-            self.fetches += 1
             self._token = grant.token
             self._fetched_at = anyio.current_time()
             self._expires_at = self._fetched_at + grant.expires_in

@@ -1093,8 +1093,7 @@ async def test_token_source_makes_one_fetch_for_concurrent_callers():
             )
             api.release.set()
         assert [g.token for g in grants] == ["token-1"] * 3
-        assert api.calls == tokens.fetches == 1
-        assert tokens.current == "token-1"
+        assert api.calls == 1
         # A cached token with life left is handed out without a request.
         assert (await tokens.get()).token == "token-1"
         assert api.calls == 1
