@@ -255,3 +255,73 @@ def test_run_fake_webhook_serves_the_ping_bot_end_to_end():
     assert dispatches
     assert all(r["state"] == "WEBHOOK" and r["seq"] is None for r in dispatches)
     assert "Traceback" not in err
+
+
+class _Child:
+    """A `qqproto run` child process whose stdout lines are read on a thread."""
+
+    def __init__(self, *args: str) -> None:
+        code = "import sys; from qqproto_io._cli import main; sys.exit(main(sys.argv[1:]))"
+        self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-c", code, "run", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**CLEAN, "PYTHONPATH": str(ROOT)},
+            cwd=ROOT,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def until(self, pattern: str, deadline: float) -> re.Match[str]:
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.seen.append(line)
+            if found := re.search(pattern, line):
+                return found
+        pytest.fail(f"{pattern!r} not printed in time:\n{''.join(self.seen)}")
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGINT)
+        _, err = self.proc.communicate(timeout=BOUND)
+        return err
+
+
+def test_two_processes_behind_one_url_deliver_a_retried_event_once(redis_server):
+    """Behind a load balancer the platform's retry may reach another process: with
+    --redis-url they share the delivery record, so exactly one of them handles it."""
+    cfg = FakeGatewayConfig()
+    common = ["--webhook", "127.0.0.1:0", "--redis-url", redis_server.url, "-v"]
+    common += ["--app-id", cfg.app_id, "--client-secret", cfg.client_secret]
+    common += ["--app", "tests.webhook_recorder:setup", "--api-base", "http://127.0.0.1:9"]
+    deadline = time.monotonic() + 3 * BOUND
+    children = [_Child(*common), _Child(*common)]
+    try:
+        urls = [
+            c.until(r"listening on (http://127\.0\.0\.1:\d+)", deadline).group(1) for c in children
+        ]
+        signer = WebhookSigner(app_id=cfg.app_id, secret=cfg.client_secret)
+        event = signer.message("ping")
+        with httpx.Client(timeout=BOUND) as http:
+            for url in urls:  # the first try, then the platform's retry through the other
+                answer = http.post(url, content=event.body, headers=list(event.headers))
+                assert answer.status_code == 200  # both acknowledge it
+        first = children[0].until(rf"handled {re.escape(event.event_id)}|duplicate", deadline)
+        second = children[1].until(rf"handled {re.escape(event.event_id)}|duplicate", deadline)
+        handled = [m.group(0) for m in (first, second) if m.group(0).startswith("handled")]
+    finally:
+        errors = [c.stop() for c in children]
+    assert len(handled) == 1, [c.seen for c in children]
+    assert all("Traceback" not in e for e in errors), errors
