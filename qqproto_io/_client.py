@@ -240,7 +240,6 @@ class GatewayClient:
         self.messenger: Messenger | None = None
         """Sends replies (known once entered): what bound messages reply through."""
         self._inline_handlers = False  # run() takes the events itself
-        self._fatal_shard = 0
         self._tg: TaskGroup | None = None
         self.drivers: dict[int, ShardDriver] = {}
         # Each driver runs shielded in a scope of its own: a cancelled caller gets a bounded,
@@ -633,16 +632,15 @@ class GatewayClient:
         handlers = self._message_handlers
         return [(func, typed) for kind in type(typed).__mro__ for func in handlers.get(kind, ())]
 
-    async def _serve(self) -> FatalStop | None:
+    async def _serve(self) -> FatalStopError | None:
         """Take every event and run its handlers until every shard stopped.
 
-        Returns the first FatalStop, if a shard stopped for good.
+        Returns the error for the first FatalStop, if a shard stopped for good.
         """
-        fatal: FatalStop | None = None
+        fatal: FatalStopError | None = None
         async for shard_id, event in self._pairs:
             if fatal is None and isinstance(event, FatalStop):
-                fatal = event
-                self._fatal_shard = shard_id
+                fatal = FatalStopError(shard_id, event)
             for func, argument in self._handlers_for(event):
                 try:
                     await func(argument)
@@ -657,6 +655,14 @@ class GatewayClient:
 
     async def _run_handlers(self) -> None:
         await self._serve()
+
+    async def _serve_until_stopped(self) -> FatalStopError | None:
+        """:meth:`_serve`, and on a fatal stop close the other shards (``run``, ``supervise``);
+        the error is for the caller to raise once it has left its own scopes."""
+        fatal = await self._serve()
+        if fatal is not None:
+            await self.close()
+        return fatal
 
     async def run(self) -> None:
         """Run the client with its handlers until every shard has stopped.
@@ -673,11 +679,9 @@ class GatewayClient:
         """
         self._inline_handlers = True
         async with self:
-            fatal = await self._serve()
-            if fatal is not None:
-                await self.close()
+            fatal = await self._serve_until_stopped()
         if fatal is not None:
-            raise FatalStopError(self._fatal_shard, fatal)
+            raise fatal
 
 
 class _ShardEvents:

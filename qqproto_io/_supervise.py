@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from qqproto_io._client import FatalStopError
 from qqproto_io._stall import StallMonitor
 from qqproto_io._systemd import SystemdNotifier, run_systemd
 
@@ -91,15 +90,13 @@ async def supervise(
                 tg.start_soon(_close_on_signal, client, notifier, name="qqproto signals")
             if stop_after is not None:
                 tg.start_soon(_close_after, client, stop_after, name="qqproto stop timer")
-            fatal = await client._serve()
-            if fatal is not None:
-                await client.close()
+            fatal = await client._serve_until_stopped()
             tg.cancel_scope.cancel()
     finally:
         if notifier is not None:
             notifier.close()
     if fatal is not None:
-        raise FatalStopError(client._fatal_shard, fatal)
+        raise fatal
 
 
 async def _close_on_signal(client: GatewayClient, notifier: SystemdNotifier | None) -> None:
