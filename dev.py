@@ -79,32 +79,48 @@ def ensure_env(extra: str) -> None:
     STAMP.write_text(_want_stamp(extra))
 
 
+def _root_apt() -> str | None:
+    """``apt-get`` when it is there and we are root, else ``None``."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    return shutil.which("apt-get")
+
+
+def _run_quietly(args: list[str], what: str, *, timeout: float, **kwargs: object) -> bool:
+    """Run ``args``; on failure print one line naming ``what`` and its output's tail."""
+    try:
+        done = subprocess.run(
+            args, capture_output=True, text=True, timeout=timeout, check=False, **kwargs
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print(f"dev.py: {what} failed ({exc})")
+        return False
+    if done.returncode != 0:
+        print(f"dev.py: {what} exited {done.returncode}")
+        print("\n".join((done.stderr or done.stdout).strip().splitlines()[-5:]))
+        return False
+    return True
+
+
+def _apt_install(packages: list[str]) -> bool:
+    """``apt-get update`` then ``install`` ``packages`` (as root); False, printed, on failure."""
+    apt = _root_apt()
+    if apt is None:
+        print(f"dev.py: {' and '.join(packages)} not found (not root with apt-get)")
+        return False
+    print(f"dev.py: installing {' '.join(packages)} with apt-get", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    steps = (["update", "-qq"], ["install", "-y", "-qq", *packages])
+    return all(_run_quietly([apt, *a], f"apt-get {a[0]}", timeout=900, env=env) for a in steps)
+
+
 def ensure_redis_server() -> None:
     """Install ``redis-server`` for the Redis tests if missing (apt, as root); never fatal.
 
     Without it those tests skip with a message, so every failure here is only printed.
     """
-    if shutil.which("redis-server") is not None:
-        return
-    apt = shutil.which("apt-get")
-    if apt is None or not hasattr(os, "geteuid") or os.geteuid() != 0:
-        print("dev.py: redis-server not found (not root with apt-get); Redis tests will skip")
-        return
-    print("dev.py: installing redis-server with apt-get", flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for args in (["update", "-qq"], ["install", "-y", "-qq", "redis-server"]):
-        try:
-            done = subprocess.run(
-                [apt, *args], env=env, capture_output=True, text=True, timeout=600, check=False
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            print(f"dev.py: apt-get {args[0]} failed ({exc}); Redis tests will skip")
-            return
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-            print(f"dev.py: apt-get {args[0]} exited {done.returncode}; Redis tests will skip")
-            print("\n".join(tail))
-            return
+    if shutil.which("redis-server") is None and not _apt_install(["redis-server"]):
+        print("dev.py: the Redis tests will skip")
 
 
 def ensure_diagram_renderer() -> None:
@@ -118,34 +134,13 @@ def ensure_diagram_renderer() -> None:
     tools = ROOT / "tools" / "diagram"
     stamp = tools / "node_modules" / ".qqproto-install-stamp"
     want = hashlib.sha256((tools / "package-lock.json").read_bytes()).hexdigest()
-    root_apt = shutil.which("apt-get") if hasattr(os, "geteuid") and os.geteuid() == 0 else None
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     missing = [
         package
         for package, tool in (("chromium", "chromium"), ("npm", "npm"))
         if shutil.which(tool) is None
     ]
-    if missing and root_apt is None:
-        print(f"dev.py: {' and '.join(missing)} not found (not root with apt-get)")
-    elif missing:
-        print(f"dev.py: installing {' '.join(missing)} with apt-get", flush=True)
-        for args in (["update", "-qq"], ["install", "-y", "-qq", *missing]):
-            try:
-                done = subprocess.run(
-                    [root_apt, *args],
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    timeout=900,
-                    check=False,
-                )
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                print(f"dev.py: apt-get {args[0]} failed ({exc})")
-                break
-            if done.returncode != 0:
-                print(f"dev.py: apt-get {args[0]} exited {done.returncode}")
-                print("\n".join((done.stderr or done.stdout).strip().splitlines()[-5:]))
-                break
+    if missing:
+        _apt_install(missing)
     npm = shutil.which("npm")
     if stamp.exists() and stamp.read_text() == want:
         return
@@ -154,16 +149,7 @@ def ensure_diagram_renderer() -> None:
         return
     print("dev.py: installing Mermaid into tools/diagram with npm ci", flush=True)
     args = [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"]
-    try:
-        done = subprocess.run(
-            args, cwd=tools, capture_output=True, text=True, timeout=900, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        print(f"dev.py: npm ci failed ({exc})")
-        return
-    if done.returncode != 0:
-        print(f"dev.py: npm ci exited {done.returncode}")
-        print("\n".join((done.stderr or done.stdout).strip().splitlines()[-5:]))
+    if not _run_quietly(args, "npm ci", timeout=900, cwd=tools):
         return
     stamp.write_text(want)
 
