@@ -25,14 +25,10 @@ from qqproto_io._driver import ShardDriver
 from qqproto_io._fake_server import FakeGatewayServer
 from qqproto_io._http import Credentials, RestApi, TokenSource
 from qqproto_io._stores import IdentifyBudgetExhausted, LocalIdentifyLimiter
+from tests.loopback import anyio_backend  # noqa: F401 - fixtures
 from tests.test_driver import BOUND, Recorder, fast_config, gateway_config, make_client, running
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request):
-    return request.param
 
 
 class Boom(Exception):

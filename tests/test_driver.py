@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -64,33 +63,13 @@ from qqproto_io._http import Credentials, RestApi, TokenSource
 from qqproto_io._proxy import ProxyConfig, ProxyError, open_stream, proxy_from_env
 from qqproto_io._stores import LocalIdentifyLimiter
 from qqproto_io._transport import Transport, TransportLimits, TransportMessages, TransportOpened
+from tests.loopback import anyio_backend, collect_garbage, no_proxy_env  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.anyio
 
 BOUND = 15.0  # generous bound on every test body
 HELLO_MS = 300
 INTERVAL = HELLO_MS / 1000
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request):
-    return request.param
-
-
-@pytest.fixture(autouse=True)
-def _collect_garbage():
-    # An unclosed stream or socket warns when it is collected (an error in this project):
-    # collect now, so that the warning fails the test that leaked it.
-    yield
-    gc.collect()
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy_env(monkeypatch):
-    # The client follows HTTPS_PROXY/ALL_PROXY by default; the tests choose their proxy.
-    for name in ("HTTPS_PROXY", "ALL_PROXY", "HTTP_PROXY", "NO_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.lower(), raising=False)
 
 
 def fast_config(**changes) -> SessionConfig:

@@ -30,16 +30,12 @@ from wsproto.frame_protocol import FrameProtocol
 
 from qqproto.testing import FakeGatewayConfig
 from qqproto_io._fake_server import FakeGatewayServer
+from tests.loopback import anyio_backend  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.anyio
 
 INTENTS = (1 << 30) | (1 << 25)
 QUIET = 0.2  # how long "nothing arrives" is watched for
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request):
-    return request.param
 
 
 # Every client stream a test opens; closed after the test, so that no test leaks a socket

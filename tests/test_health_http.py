@@ -31,6 +31,7 @@ from qqproto import (
 )
 from qqproto_io._health import HealthServer, Metrics
 from qqproto_io._stall import StallMonitor
+from tests.loopback import anyio_backend  # noqa: F401 - fixtures
 
 READY = Health(live=True, ready=True, reason="", since_live=None, last_ack_age=3.0)
 BACKOFF = Health(
@@ -41,11 +42,6 @@ DISPATCH = Dispatch(type="C2C_MESSAGE_CREATE", seq=1, event_id="e1", data={})
 READY_EVENT = Ready(session_id="s", seq=None, data={})
 ZOMBIE = ZombieDetected(since_last_ack=82.5, interval=41.25)
 ACK = HeartbeatAcknowledged(latency=0.04, mean_latency=0.04)
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request):
-    return request.param
 
 
 def samples(text: bytes | str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import ssl
 import struct
 import tracemalloc
@@ -51,6 +50,7 @@ from qqproto_io._transport import (
     TransportOpened,
     TransportOversized,
 )
+from tests.loopback import anyio_backend, collect_garbage, no_proxy_env  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.anyio
 
@@ -59,27 +59,6 @@ SECRET = "s3cret-that-must-never-be-shown"
 PROXY_PASSWORD = "pr0xy-pa55"
 
 TEXT, BINARY, CONTINUATION, CLOSE, PING = 0x1, 0x2, 0x0, 0x8, 0x9
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request):
-    return request.param
-
-
-@pytest.fixture(autouse=True)
-def _collect_garbage():
-    # An unclosed stream or socket warns when it is collected (an error in this project):
-    # collect now, so that the warning fails the test that leaked it.
-    yield
-    gc.collect()
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy_env(monkeypatch):
-    # httpx follows HTTPS_PROXY/ALL_PROXY by default; the tests choose their proxy.
-    for name in ("HTTPS_PROXY", "ALL_PROXY", "HTTP_PROXY", "NO_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.lower(), raising=False)
 
 
 def open_fds() -> int:

@@ -37,16 +37,12 @@ from qqproto.testing import RestFault
 from qqproto_io import HttpFailure, Messenger
 from qqproto_io._fake_server import FakeGatewayServer
 from qqproto_io._http import Credentials, RestApi, TokenSource
+from tests.loopback import anyio_backend  # noqa: F401 - fixtures
 from tests.test_driver import BOUND, gateway_config, make_client, running, wait_until
 
 pytestmark = pytest.mark.anyio
 
 FAST_SENDS = SendConfig(backoff_base=0.05, backoff_cap=0.2, channel_period=0.3)
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request):
-    return request.param
 
 
 def sends(server: FakeGatewayServer, endpoint: str = "message") -> list:

@@ -19,14 +19,10 @@ import pytest
 from qqproto import Disconnected, Dispatch, FatalStop, Ready, Resumed
 from qqproto_io import FatalStopError
 from qqproto_io._fake_server import FakeGatewayServer
+from tests.loopback import anyio_backend  # noqa: F401 - fixtures
 from tests.test_driver import BOUND, gateway_config, make_client
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request):
-    return request.param
 
 
 async def test_run_returns_once_a_handler_closes_the_client():

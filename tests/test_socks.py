@@ -16,21 +16,10 @@ import pytest
 from qqproto import Dispatch, Ready, ReconnectScheduled, SessionState
 from qqproto_io._fake_server import FakeGatewayServer
 from qqproto_io._proxy import ProxyConfig, proxy_from_env
+from tests.loopback import anyio_backend, no_proxy_env  # noqa: F401 - fixtures
 from tests.test_driver import BOUND, _pipe, gateway_config, running
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request):
-    return request.param
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy_env(monkeypatch):
-    for name in ("HTTPS_PROXY", "ALL_PROXY", "HTTP_PROXY", "NO_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.lower(), raising=False)
 
 
 class Socks5:

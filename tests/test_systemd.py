@@ -21,6 +21,7 @@ import pytest
 from qqproto import Health, SessionConfig, SessionStartLimit, SessionState
 from qqproto_io._systemd import SystemdNotifier, run_systemd, watchdog_verdict
 from tests.helpers import Driver, advance_to
+from tests.loopback import anyio_backend  # noqa: F401 - fixtures
 
 READY = Health(live=True, ready=True, reason="", since_live=None, last_ack_age=3.0)
 RECONNECTING = Health(
@@ -38,11 +39,6 @@ WITHHELD_STUCK = (
 )
 PING = "WATCHDOG=1\n"
 STOPPING = "STOPPING=1\n"
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request):
-    return request.param
 
 
 class FakeNotifySocket:

@@ -28,17 +28,13 @@ import pytest
 from qqproto import Dispatch, Message
 from qqproto.testing import FakeGatewayConfig, WebhookSigner
 from qqproto_io import FakeGatewayServer, FakeWebhookPoster, GatewayClient
+from tests.loopback import anyio_backend  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.anyio
 
 BOUND = 20.0
 ROOT = Path(__file__).resolve().parent.parent
 PATH = "/qqbot"
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request):
-    return request.param
 
 
 def webhook_client(server: FakeGatewayServer, **kwargs) -> GatewayClient:

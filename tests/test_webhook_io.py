@@ -21,17 +21,13 @@ from qqproto_io._asgi import WebhookApp
 from qqproto_io._fake_webhook import FakeWebhookPoster
 from qqproto_io._webhook import WebhookInbox, WebhookServer
 from qqproto_io._webhook_redis import RedisDeliveryClaims
+from tests.loopback import anyio_backend  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.anyio
 
 APP = "102000001"
 SECRET = "DG5g3B4j9X2KOErG"
 BOUND = 10.0  # generous upper bound on anything that should be immediate
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request):
-    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -482,7 +478,7 @@ async def test_asgi_lifespan_is_acknowledged():
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # redis.asyncio runs on asyncio only
-async def test_two_receivers_share_deliveries_through_redis(redis_server, anyio_backend):
+async def test_two_receivers_share_deliveries_through_redis(redis_server, anyio_backend):  # noqa: F811
     """Two endpoints, each with its own memory, one Redis: the same event posted to both
     (concurrently, then again) is delivered by exactly one of them."""
     prefix = f"test-{uuid.uuid4().hex[:12]}"
