@@ -188,6 +188,8 @@ class FakeGatewayServer:
         host: where to listen (loopback by default).
         port: the TCP port (0 picks a free one).
         message_interval: if set, produce a numbered C2C message every that many seconds.
+        listen: bind the TCP port on entry; ``False`` serves only the streams handed to
+            :meth:`serve_stream` (an in-memory network, see :mod:`qqproto_io.testing`).
 
     Attributes:
         gateway: the sans-IO fake platform.
@@ -207,6 +209,7 @@ class FakeGatewayServer:
         host: str = "127.0.0.1",
         port: int = 0,
         message_interval: float | None = None,
+        listen: bool = True,
     ) -> None:
         cfg = dataclasses.replace(config) if config is not None else FakeGatewayConfig()
         self.gateway = FakeGateway(cfg, rng=random.Random(seed))  # noqa: S311 - fake ids
@@ -214,6 +217,7 @@ class FakeGatewayServer:
         self._host = host
         self._port = port
         self._message_interval = message_interval
+        self._listen = listen
         self._stop_reading = False
         self._peers: dict[ServerConnection, _Peer] = {}
         self._task_group: TaskGroup | None = None
@@ -252,9 +256,11 @@ class FakeGatewayServer:
     async def __aenter__(self) -> Self:
         if self._task_group is not None:
             raise RuntimeError("FakeGatewayServer is already running")
-        listener = await anyio.create_tcp_listener(local_host=self._host, local_port=self._port)
-        self._listener = listener
-        self._port = listener.extra(SocketAttribute.local_port)  # noqa: S610 - anyio, not Django
+        listener = None
+        if self._listen:
+            listener = await anyio.create_tcp_listener(local_host=self._host, local_port=self._port)
+            self._listener = listener
+            self._port = listener.extra(SocketAttribute.local_port)  # noqa: S610 - anyio's
         if self.gateway.config.url == _DEFAULT_URL:
             self.gateway.config.url = self.ws_url
         if self.gateway.config.unix_epoch is None:
@@ -264,7 +270,8 @@ class FakeGatewayServer:
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
-        task_group.start_soon(listener.serve, self._handle_client, task_group)
+        if listener is not None:
+            task_group.start_soon(listener.serve, self._handle_client, task_group)
         if self._message_interval is not None:
             task_group.start_soon(self._produce_messages, self._message_interval)
         logger.info("fake gateway listening on %s", self.http_base)
@@ -277,7 +284,7 @@ class FakeGatewayServer:
         tb: TracebackType | None,
     ) -> None:
         task_group, listener = self._task_group, self._listener
-        if task_group is None or listener is None:
+        if task_group is None:
             return
         # Stopping is not a failure: every connection is cut, nobody waits for clients. The
         # body's own exception is not handed to the task group, so that it propagates as it
@@ -288,8 +295,20 @@ class FakeGatewayServer:
         finally:
             self._task_group = None
             self._listener = None
-            await anyio.aclose_forcefully(listener)
+            if listener is not None:
+                await anyio.aclose_forcefully(listener)
             logger.info("fake gateway on %s stopped", self.http_base)
+
+    def serve_stream(self, stream: ByteStream) -> None:
+        """Serve one already-open connection (HTTP, then maybe the WebSocket gateway) as if
+        it had been accepted on the port; it is closed when served or when the server stops.
+
+        Raises:
+            RuntimeError: the server is not running.
+        """
+        if self._task_group is None:
+            raise RuntimeError("FakeGatewayServer.serve_stream() outside 'async with'")
+        self._task_group.start_soon(self._handle_client, stream)
 
     async def serve_forever(self) -> None:
         """Serve until cancelled (enters the server first if it is not running)."""
@@ -498,7 +517,7 @@ class FakeGatewayServer:
 
     # ------------------------------------------------------------------------ HTTP
 
-    async def _handle_client(self, stream: SocketStream) -> None:
+    async def _handle_client(self, stream: ByteStream) -> None:
         try:
             await self._serve_http(stream)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream):
@@ -509,7 +528,7 @@ class FakeGatewayServer:
         finally:
             await anyio.aclose_forcefully(stream)
 
-    async def _serve_http(self, stream: SocketStream) -> None:
+    async def _serve_http(self, stream: ByteStream) -> None:
         conn = h11.Connection(h11.SERVER)
         while True:
             try:
@@ -560,7 +579,7 @@ class FakeGatewayServer:
     # ------------------------------------------------------------------- WebSocket
 
     async def _upgrade(
-        self, stream: SocketStream, http_conn: h11.Connection, req: h11.Request
+        self, stream: ByteStream, http_conn: h11.Connection, req: h11.Request
     ) -> None:
         ws = WSConnection(ConnectionType.SERVER)
         try:
@@ -807,7 +826,7 @@ def _is_upgrade(req: h11.Request) -> bool:
     )
 
 
-async def _read_body(stream: SocketStream, conn: h11.Connection) -> bytes | None:
+async def _read_body(stream: ByteStream, conn: h11.Connection) -> bytes | None:
     """The request body, or ``None`` when it exceeds the cap."""
     chunks: list[bytes] = []
     size = 0
@@ -825,7 +844,7 @@ async def _read_body(stream: SocketStream, conn: h11.Connection) -> bytes | None
 
 
 async def _respond(
-    stream: SocketStream, conn: h11.Connection, reply: HttpReply, *, close: bool = False
+    stream: ByteStream, conn: h11.Connection, reply: HttpReply, *, close: bool = False
 ) -> None:
     body = orjson.dumps(reply.body)
     headers = [
@@ -839,7 +858,7 @@ async def _respond(
     await stream.send(response_bytes(conn, reply.status, reason, headers, body))
 
 
-async def _discard_until_eof(stream: SocketStream) -> None:
+async def _discard_until_eof(stream: ByteStream) -> None:
     with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
         while True:
             await stream.receive(_READ_SIZE)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import pytest
 
+pytest_plugins = ["qqproto_io.testing.pytest_plugin"]  # the `qq` fixture (virtual time)
+
 REDIS_START_TIMEOUT = 20.0  # generous: a cold CI machine
 
 
