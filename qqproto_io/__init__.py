@@ -6,21 +6,17 @@ systemd, health); `ShardDriver` runs one core connection over real sockets;
 
 The modules, by layer (each layer uses only those above it):
 
-========================  ================================================================
-network                   ``_network`` (the seam), ``_transport`` + ``_frames`` (WebSocket),
-                          ``_proxy`` (CONNECT, SOCKS5), ``_http`` (REST, tokens),
-                          ``_http_server`` (the h11 read loop the servers share)
-protocol loop             ``_driver`` (one core connection), ``_shards`` (which shards)
-application face          ``_client`` (GatewayClient), ``_messaging`` (replies),
-                          ``_webhook`` + ``_webhook_front`` + ``_asgi`` (callbacks)
-stores                    ``_stores`` (SQLite, the local limiter), ``_redis``,
-                          ``_webhook_redis``, ``_delivery`` (exactly once across restarts)
-operations                ``_supervise``, ``_health``, ``_systemd``, ``_stall``,
-                          ``_logging`` + ``_describe`` (log records)
-command line              ``_cli``, ``_options``, ``_entry``
-fakes                     ``_fake_server``, ``_fake_webhook``, and ``qqproto_io.testing``
-                          (the real client on an in-memory network and a virtual clock)
-========================  ================================================================
+- network: `_network` (the seam), `_transport` + `_frames` (WebSocket), `_proxy` (CONNECT,
+  SOCKS5), `_http` (REST, tokens), `_http_server` (the h11 read loop the servers share);
+- protocol loop: `_driver` (one core connection), `_shards` (which shards);
+- application face: `_client` (GatewayClient), `_messaging` (replies), `_webhook` +
+  `_webhook_front` + `_asgi` (callbacks);
+- stores: `_stores` (SQLite, the local limiter), `_redis`, `_webhook_redis`, `_delivery`
+  (exactly once across restarts);
+- operations: `_supervise`, `_health`, `_systemd`, `_stall`, `_logging` + `_describe`;
+- command line: `_cli`, `_options`, `_entry`;
+- fakes: `_fake_server`, `_fake_webhook`, and `qqproto_io.testing` (the real client on an
+  in-memory network and a virtual clock).
 """
 
 from __future__ import annotations
