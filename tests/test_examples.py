@@ -62,6 +62,8 @@ class Served:
             if not k.startswith("QQBOT_") and "proxy" not in k.lower()
         }
         env.update(
+            # The tree under test, not whatever `qqproto` the venv would import.
+            PYTHONPATH=str(EXAMPLES.parent),
             QQBOT_API_BASE=self.server.http_base,
             QQBOT_TOKEN_URL=self.server.token_url,
             QQBOT_APP_ID=self.gateway.config.app_id,
