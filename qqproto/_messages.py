@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from enum import Enum
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias
 
 from qqproto._errors import LocalProtocolError, RemoteProtocolError
 from qqproto._outputs import Dispatch
@@ -547,98 +547,45 @@ def _author(author: _Reader | None, openid_field: str | None) -> Author:
     )
 
 
-class _Basics:
-    """The fields every message has, read once for all four kinds."""
-
-    __slots__ = ("attachments", "content", "id", "timestamp")
-
-    def __init__(self, d: _Reader) -> None:
-        self.id = d.required_id("id")
-        self.content = d.text("content") or ""
-        self.timestamp = d.timestamp("timestamp")
-        self.attachments = _attachments(d)
+# Each scene reads what only it has: its class, its author (whose openid field differs by
+# scene) and its own fields; parse_message reads the rest, the same for all four.
+_Scene: TypeAlias = tuple[type[Message], Author, dict[str, Any]]
 
 
-def _c2c(
-    t: str, event_id: str | None, d: _Reader, raw: Mapping[str, JSONValue], r: Responder | None
-) -> Message:
-    b = _Basics(d)
+def _c2c(d: _Reader) -> _Scene:
     author = d.required_child("author")
-    return C2CMessage(
-        type=t,
-        id=b.id,
-        event_id=event_id,
-        content=b.content,
-        timestamp=b.timestamp,
-        attachments=b.attachments,
-        author=_author(author, "user_openid"),
-        user_openid=author.required_id("user_openid"),
-        raw=raw,
-        responder=r,
-    )
+    own = {"user_openid": author.required_id("user_openid")}
+    return C2CMessage, _author(author, "user_openid"), own
 
 
-def _group(
-    t: str, event_id: str | None, d: _Reader, raw: Mapping[str, JSONValue], r: Responder | None
-) -> Message:
-    b = _Basics(d)
+def _group(d: _Reader) -> _Scene:
     author = _author(d.child("author"), "member_openid")
-    return GroupMessage(
-        type=t,
-        id=b.id,
-        event_id=event_id,
-        content=b.content,
-        timestamp=b.timestamp,
-        attachments=b.attachments,
-        author=author,
-        group_openid=d.required_id("group_openid"),
-        member_openid=author.openid,
-        mentions=_mentions(d),
-        raw=raw,
-        responder=r,
-    )
+    own = {
+        "group_openid": d.required_id("group_openid"),
+        "member_openid": author.openid,
+        "mentions": _mentions(d),
+    }
+    return GroupMessage, author, own
 
 
-def _channel(
-    t: str, event_id: str | None, d: _Reader, raw: Mapping[str, JSONValue], r: Responder | None
-) -> Message:
-    b = _Basics(d)
-    return ChannelMessage(
-        type=t,
-        id=b.id,
-        event_id=event_id,
-        content=b.content,
-        timestamp=b.timestamp,
-        attachments=b.attachments,
-        author=_author(d.child("author"), None),
-        channel_id=d.required_id("channel_id"),
-        guild_id=d.text("guild_id"),
-        mentions=_mentions(d),
-        mention_everyone=d.boolean("mention_everyone"),
-        seq_in_channel=d.text("seq_in_channel"),
-        raw=raw,
-        responder=r,
-    )
+def _channel(d: _Reader) -> _Scene:
+    own = {
+        "channel_id": d.required_id("channel_id"),
+        "guild_id": d.text("guild_id"),
+        "mentions": _mentions(d),
+        "mention_everyone": d.boolean("mention_everyone"),
+        "seq_in_channel": d.text("seq_in_channel"),
+    }
+    return ChannelMessage, _author(d.child("author"), None), own
 
 
-def _direct(
-    t: str, event_id: str | None, d: _Reader, raw: Mapping[str, JSONValue], r: Responder | None
-) -> Message:
-    b = _Basics(d)
-    return DirectMessage(
-        type=t,
-        id=b.id,
-        event_id=event_id,
-        content=b.content,
-        timestamp=b.timestamp,
-        attachments=b.attachments,
-        author=_author(d.child("author"), None),
-        guild_id=d.required_id("guild_id"),
-        channel_id=d.text("channel_id"),
-        src_guild_id=d.text("src_guild_id"),
-        raw=raw,
-        responder=r,
-    )
+def _direct(d: _Reader) -> _Scene:
+    own = {
+        "guild_id": d.required_id("guild_id"),
+        "channel_id": d.text("channel_id"),
+        "src_guild_id": d.text("src_guild_id"),
+    }
+    return DirectMessage, _author(d.child("author"), None), own
 
 
 _PARSERS = {
@@ -700,8 +647,21 @@ def parse_message(dispatch: Dispatch, *, responder: Responder | None = None) -> 
     data = dispatch.data
     if not isinstance(data, dict):
         raise InvalidMessage(dispatch.type, None, "is not an object")
-    reader = _Reader(dispatch.type, data)
-    return parser(dispatch.type, dispatch.event_id, reader, data, responder)
+    d = _Reader(dispatch.type, data)
+    message_id = d.required_id("id")  # first: the id a reply needs above all
+    cls, author, own = parser(d)
+    return cls(
+        type=dispatch.type,
+        id=message_id,
+        event_id=dispatch.event_id,
+        content=d.text("content") or "",
+        timestamp=d.timestamp("timestamp"),
+        attachments=_attachments(d),
+        author=author,
+        raw=data,
+        responder=responder,
+        **own,
+    )
 
 
 def parse_interaction(
