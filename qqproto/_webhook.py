@@ -239,6 +239,23 @@ def _path_only(target: bytes | str) -> str:
     return _text(target).split("?", 1)[0]
 
 
+def _check_endpoint(
+    method: bytes | str,
+    path: bytes | str,
+    content_length: int | None,
+    served: str | None,
+    max_body: int,
+) -> WebhookResult | None:
+    """What a request line and its declared size alone refuse, before any bot is named."""
+    if _text(method).upper() != "POST":
+        return _reject(405, "method_not_allowed", "only POST is served")
+    if served is not None and _path_only(path) != served:
+        return _reject(404, "not_found", "not the callback path")
+    if content_length is not None and content_length > max_body:
+        return _reject(413, "too_large", f"body over {max_body} bytes")
+    return None
+
+
 _ACK: Final = WebhookResponse(status=200, body=ACK_BODY)
 _RETRY: Final = WebhookResponse(status=503, body=RETRY_BODY)
 
@@ -370,12 +387,9 @@ class WebhookReceiver:
         headers: Mapping[str, list[str]],
         content_length: int | None,
     ) -> WebhookResult | None:
-        if _text(method).upper() != "POST":
-            return _reject(405, "method_not_allowed", "only POST is served")
-        if self.path is not None and _path_only(path) != self.path:
-            return _reject(404, "not_found", "not the callback path")
-        if content_length is not None and content_length > self._max_body:
-            return _reject(413, "too_large", f"body over {self._max_body} bytes")
+        refused = _check_endpoint(method, path, content_length, self.path, self._max_body)
+        if refused is not None:
+            return refused
         app_id = _one(headers, "x-bot-appid")
         if app_id is None:
             return _reject(403, "missing_app_id", "no X-Bot-Appid header")
@@ -608,12 +622,9 @@ class WebhookRouter:
         hmap: Mapping[str, list[str]],
         content_length: int | None,
     ) -> WebhookReceiver | WebhookResult:
-        if _text(method).upper() != "POST":
-            result = _reject(405, "method_not_allowed", "only POST is served")
-        elif self.path is not None and _path_only(path) != self.path:
-            result = _reject(404, "not_found", "not the callback path")
-        elif content_length is not None and content_length > self._max_body:
-            result = _reject(413, "too_large", f"body over {self._max_body} bytes")
+        refused = _check_endpoint(method, path, content_length, self.path, self._max_body)
+        if refused is not None:
+            result = refused
         else:
             app_id = _one(hmap, "x-bot-appid")
             receiver = self._receivers.get(app_id) if app_id else None
