@@ -1,6 +1,6 @@
 # What to do after a connection ends: the close-code policy, as one table.
 #
-# Sources: PROTOCOL.md §3 (the official table and how each SDK reacts) and §8 (our reading).
+# Sources: the official table, how the SDKs react, and our reading: docs/protocol.md#close-codes.
 # The official summary is "4009 -> Resume; 4914/4915 -> never reconnect; everything else ->
 # Identify". We keep the session more often than that, where the docs say a Resume may work
 # or where nothing is documented, because a needless Identify loses events and spends the
@@ -11,9 +11,9 @@
 #   is the "resume works, then dies" loop of hermes #22179).
 # * 1000, 1006, no close frame, and codes nobody documents: Resume (hermes, nonebot, Koishi).
 # * 4008 "sent too fast": one cool-down, then Resume (docs: may Resume). The cool-down
-#   replaces the backoff delay; it does not add to it (FAILURE_MODES S12).
+#   replaces the backoff delay; it does not add to it (S12 in docs/design.md#failure-scenarios).
 # * 4004 "authentication failed": our token is bad or stale. Force a token refresh, then
-#   Identify (PROTOCOL.md §8 rule 4).
+#   Identify (docs/protocol.md#close-codes).
 # * 4006, 4007, 4900-4913, op 9 with `d` not true: the session is gone. Identify.
 # * 4914/4915: the bot is delisted/banned: stop, never reconnect (docs).
 # * 4001/4002/4010-4014: "do not retry" per the docs: a bug or a configuration error that a
@@ -90,7 +90,7 @@ def _stop(meaning: str, hint: str) -> ClosePolicy:
 
 
 # A session the server failed to create or lost may come with a silently invalidated token
-# (FAILURE_MODES S10): the next attempt asks for a fresh one. It costs one HTTP request.
+# (S10 in docs/design.md#failure-scenarios): the next attempt asks for a fresh one (one request).
 _INTERNAL = _identify("server internal error; the session is gone", refresh_token=True)
 _BUG_HINT = (
     "the server rejected a payload qqproto sent; this is a qqproto bug or a protocol change: "
@@ -140,7 +140,7 @@ INVALID_SESSION_RESUMABLE = _resume("invalid session (op 9, resumable)")
 """Policy for the first op 9 with ``d: true`` in a row; a second one in a row Identifies."""
 
 SERVER_RESET = _resume("server sent a second Hello on a live connection", rotation=True)
-"""Policy for an unexpected Hello mid-session (FAILURE_MODES S23)."""
+"""Policy for an unexpected Hello mid-session: a server reset, so reconnect and Resume."""
 
 ZOMBIE = _resume("heartbeat not acknowledged (zombie connection)")
 """Policy after the ACK watchdog fired."""

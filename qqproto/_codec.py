@@ -1,7 +1,7 @@
 # The gateway payload codec: one WebSocket text message <-> one typed envelope.
 #
 # Theory of operation. The gateway speaks JSON objects `{"op", "d", "s", "t", "id"}`
-# (PROTOCOL.md §2). Decoding is the hottest path of the library (one call per dispatch), so it
+# (docs/protocol.md#envelope). Decoding is the library's hottest path (one call per dispatch), so it
 # is a straight line: a size check, one orjson call, a handful of type checks, one tuple.
 #
 # Why orjson and not json.loads: it is about 3x faster on a 1 KB dispatch and it already
@@ -61,7 +61,7 @@ DEFAULT_MAX_PAYLOAD_SIZE = 1 << 20
 
 
 class Opcode(IntEnum):
-    """Every gateway opcode of PROTOCOL.md §2.
+    """Every opcode of the QQ gateway and of its webhook channel.
 
     3, 4, 5 and 8 are Discord placeholders that QQ never uses (botgo keeps them as blanks);
     12 and 13 belong to the webhook channel. They are named so that a server sending one is
@@ -92,7 +92,7 @@ _OPCODES: dict[int, Opcode] = {int(op): op for op in Opcode}
 
 
 class Payload(NamedTuple):
-    """One decoded gateway payload (the envelope of PROTOCOL.md §2).
+    """One decoded gateway payload: the envelope ``{"op", "d", "s", "t", "id"}``.
 
     A ``NamedTuple``, so it is immutable and costs one tuple allocation per dispatch.
 
@@ -258,7 +258,7 @@ def encode_identify(
 
 
 def encode_resume(token: str, *, session_id: str, seq: int | None) -> str:
-    """Encode a Resume (op 6) with the ``QQBot`` token prefix (PROTOCOL.md §2).
+    """Encode a Resume (op 6) with the ``QQBot`` token prefix, as in Identify.
 
     The result holds the token: never log it.
     """

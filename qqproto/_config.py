@@ -18,7 +18,7 @@ __all__ = ["Intents", "SessionConfig"]
 
 
 class Intents(IntFlag):
-    """Gateway intent bits (PROTOCOL.md §4). Combine with ``|``.
+    """Gateway intent bits (their events: docs/protocol.md#intents). Combine with ``|``.
 
     ``DEFAULT`` is the set every bot is granted without applying (GUILDS, GUILD_MEMBERS,
     PUBLIC_GUILD_MESSAGES). Group and C2C messages (``GROUP_AND_C2C_EVENT``) need an
@@ -63,7 +63,7 @@ class Intents(IntFlag):
         return value
 
 
-# Message-bearing events whose `d.id` is a message id that QQ may push twice (PROTOCOL.md §4:
+# Events whose `d.id` is a message id that QQ may push twice (docs/protocol.md#sequence-and-dedup:
 # "相同的 msg_id 的消息会有概率重复推送"). Other events reuse `d.id` for the *object* they describe
 # (GUILD_UPDATE carries the guild id), so deduplicating them by `d.id` would drop real updates.
 _MESSAGE_EVENT_TYPES = frozenset(
@@ -90,7 +90,7 @@ class SessionConfig:
     Attributes:
         intents: the intent bitmask sent in Identify (see :class:`Intents`).
         shard: ``(shard_id, shard_count)``; ``(0, 1)`` when not sharding.
-        properties: Identify ``properties`` (the server ignores them, PROTOCOL.md §2).
+        properties: Identify ``properties`` (the server ignores them).
         max_payload_size: payloads above this are rejected before parsing (1 MiB).
         min_heartbeat_interval: floor for the Hello interval. 1 s lets local fakes run fast;
             any real value from Hello (about 41-45 s) is used as given.
@@ -111,7 +111,7 @@ class SessionConfig:
             next connection Identifies. 3 (buape/carbon #364, hermes PR #26025).
         rate_limit_cooldown: the single wait after close 4008. 60 s (hermes).
         token_refresh_margin: refresh the token before an attempt when fewer seconds remain.
-            60 s: QQ only issues a new token in the last 60 s of the old one (PROTOCOL.md §1.1),
+            60 s: QQ only issues a new token in the last 60 s of the old one,
             so a larger margin would ask again and get the same token back.
         latency_samples: heartbeat latency samples kept for the mean. 5 (twilight).
         dedup_max_ids: ids remembered to drop replays across sessions. 10,000.

@@ -2,9 +2,9 @@
 #
 # Within one session the sequence number is enough (a dispatch with `s` <= the last one
 # delivered is a replay). Across sessions it is not: a new session restarts `s` at 1, and QQ
-# pushes the same message id twice now and then (PROTOCOL.md §4). So the connection keeps the
-# recent event ids and message ids, bounded by count and by age: hermes' unbounded dict is
-# the anti-pattern (FAILURE_MODES §3 item 12).
+# pushes the same message id twice now and then (docs/protocol.md#sequence-and-dedup). So the
+# connection keeps the recent event ids and message ids, bounded by count and by age: hermes'
+# unbounded dict is the anti-pattern.
 """A bounded, age-limited set of recently seen ids."""
 
 from __future__ import annotations

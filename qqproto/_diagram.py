@@ -62,6 +62,7 @@ from qqproto._states import GUARDS, STATE_DOCS, SessionState
 
 if TYPE_CHECKING:
     from transitions import Machine
+    from transitions.core import Transition
 
 __all__ = [
     "DIAGRAM_PATH",
@@ -105,8 +106,13 @@ def edges(machine: Machine | None = None) -> list[Edge]:
     """Every transition of ``machine`` (default: a fresh connection's), in declaration order."""
     machine = machine if machine is not None else _machine()
     result: list[Edge] = []
-    for trigger, event in machine.events.items():
-        for source, transitions in event.transitions.items():
+    # Through the Machine's public queries (get_triggers, get_transitions): any Machine a
+    # test builds renders, not only the shared one.
+    for trigger in machine.get_triggers(*machine.states):
+        by_source: dict[str, list[Transition]] = {}
+        for transition in machine.get_transitions(trigger):
+            by_source.setdefault(transition.source, []).append(transition)
+        for source, transitions in by_source.items():
             earlier: list[str] = []
             for transition in transitions:
                 names = [
@@ -283,11 +289,12 @@ def _cover(
 
 
 def _box_names(boxes: list[frozenset[str]], taken: set[str]) -> dict[frozenset[str], str]:
-    # The state table names its groups of states (`_LINKED = [...]`); a box with the same
+    # The state table names its groups of states (`LINKED = (...)`); a box with the same
     # members is called the same. Any other box gets a neutral name.
     named: dict[frozenset[str], str] = {}
     for name, value in vars(_states).items():
-        if isinstance(value, list) and value and all(isinstance(v, SessionState) for v in value):
+        grouped = isinstance(value, tuple | frozenset) and len(value) > 1
+        if grouped and all(isinstance(v, SessionState) for v in value):
             named.setdefault(frozenset(v.name for v in value), name.strip("_"))
     return {box: _fresh_id(named.get(box, f"GROUP_{i}"), taken) for i, box in enumerate(boxes, 1)}
 

@@ -1,4 +1,4 @@
-# Heartbeat schedule, ACK watchdog and latency for ONE connection (DESIGN invariants 1-3).
+# Heartbeat schedule, ACK watchdog and latency for ONE connection (docs/design.md, invariants 1-3).
 #
 # A Keepalive is created when Hello arrives and dropped when the connection ends, so no beat
 # timer can outlive its socket or fire before the next Hello (twilight #1974, hermes #24357).

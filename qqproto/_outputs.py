@@ -296,14 +296,15 @@ class ReconnectScheduled(Event):
 
     Attributes:
         delay: seconds from now.
-        at: when, on the caller's clock.
-        attempt: consecutive failures so far (0 after a routine rotation).
+        reconnect_at: when, on the caller's clock (``Disconnected.reconnect_at`` too).
+        failures: consecutive failures so far (0 after a routine rotation); not the
+            ``OpenConnection.attempt`` of any transport.
         reason: why we are reconnecting.
     """
 
     delay: float
-    at: float
-    attempt: int
+    reconnect_at: float
+    failures: int
     reason: str
 
 
@@ -383,12 +384,11 @@ class ProtocolViolation(Event):
     """The server sent something we could not accept; it was skipped, state is intact.
 
     Attributes:
-        error: the typed error (its text never holds payload content).
-        kind: ``error.reason``, a stable tag for metrics.
+        error: the typed error (its text never holds payload content); ``error.reason`` is
+            a stable tag for metrics (``"malformed_json"``, ``"too_large"``, ...).
     """
 
     error: RemoteProtocolError
-    kind: str
 
 
 Output: TypeAlias = Command | Event

@@ -1,6 +1,6 @@
 # The two HTTP answers a gateway session depends on, parsed once, here, for every driver.
 #
-# The shapes are in PROTOCOL.md §1. Two traps: `expires_in` is documented as a number but
+# The shapes are in docs/protocol.md#endpoints-and-authentication. Two traps: `expires_in`
 # arrives as a string ("7200"), and REST errors may come with HTTP 200 and a body `code`.
 # Parsing lives in the core so that no driver grows its own slightly different rules.
 """Parsers for the token and gateway-URL HTTP answers."""
@@ -65,7 +65,7 @@ class TokenGrant:
     expires_in: float
 
 
-# Token endpoint error codes (PROTOCOL.md §1.1; from a 2026 issue quoting newer docs).
+# Token endpoint error codes (docs/protocol.md#access-token; from a 2026 issue quoting newer docs).
 _TOKEN_ERRORS = {
     100001: "too many requests",
     100007: "app id invalid, or the bot is banned or deleted",

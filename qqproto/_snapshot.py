@@ -1,4 +1,4 @@
-# The session snapshot (DESIGN invariant 9): enough to Resume after a process restart.
+# The session snapshot (docs/design.md#inv-9): enough to Resume after a process restart.
 #
 # It is plain data on purpose: a dict of four JSON-able fields, so any store (a file, SQLite,
 # Redis) can keep it. It holds no secret: a session id cannot be used without a valid token.

@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 from enum import Enum
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast, get_args
 
 from transitions import Machine
 
@@ -44,9 +44,21 @@ if TYPE_CHECKING:
     from transitions.core import TransitionConfigDict
 
 __all__ = [
+    "ALLOWED",
+    "CLOSABLE",
+    "DEADLINES",
+    "DELIVERING",
     "GUARDS",
+    "HEARTBEATING",
+    "LINKED",
+    "NO_TRANSPORT",
+    "OPENING",
+    "RECEIVING",
     "STATE_DOCS",
     "TRANSITIONS",
+    "TRANSPORT_PARTITION",
+    "WINDING_DOWN",
+    "Deadline",
     "SessionState",
     "Trigger",
     "shared_machine",
@@ -130,22 +142,66 @@ GUARDS: dict[str, str] = {
 """Every guard a transition may name, with its meaning (shown in the state diagram)."""
 
 _S = SessionState
-# States in which a transport exists (or is being opened) and must be torn down on exit.
-_LINKED = [_S.AWAITING_HELLO, _S.IDENTIFYING, _S.RESUMING, _S.READY]
-_HEARTBEATING = [_S.IDENTIFYING, _S.RESUMING, _S.READY]
-_WINDING_DOWN = [_S.ZOMBIE, _S.CLOSING]
-_CLOSABLE = [_S.CONNECTING, *_LINKED, *_WINDING_DOWN]
+
+# The groups of states, declared once: the transitions below, the connection's gating
+# (`_connection.py` and its policy modules) and the diagram's boxes are all made from them.
+# A new state must join exactly one group of each partition (tests/test_lifecycle_groups.py).
+#
+# What the state says about the transport: a partition of every state.
+NO_TRANSPORT = (_S.IDLE, _S.PREPARING, _S.BACKOFF, _S.STOPPED, _S.ERROR)
+OPENING = (_S.CONNECTING,)
+# A transport is open and the session is being set up or used (torn down on exit).
+LINKED = (_S.AWAITING_HELLO, _S.IDENTIFYING, _S.RESUMING, _S.READY)
+# Our close is in flight: only data and a late ACK still matter.
+WINDING_DOWN = (_S.ZOMBIE, _S.CLOSING)
+TRANSPORT_PARTITION = (NO_TRANSPORT, OPENING, LINKED, WINDING_DOWN)
+
+HEARTBEATING = LINKED[1:]  # after Hello: IDENTIFYING, RESUMING, READY
+CLOSABLE = (*OPENING, *LINKED, *WINDING_DOWN)
+# `receive()` is allowed: some transport is open.
+RECEIVING = frozenset(LINKED) | frozenset(WINDING_DOWN)
+# Dispatches are delivered: a session is being resumed, is live, or its link is ending.
+DELIVERING = RECEIVING - {_S.AWAITING_HELLO, _S.IDENTIFYING}
+
+
+class Deadline(Enum):
+    """What the one phase deadline of a state bounds (``None`` of them: no deadline)."""
+
+    REQUEST = "request"  # a token or gateway request: http_timeout
+    CONNECT = "connect"  # the WebSocket opening: connect_timeout
+    HELLO = "hello"  # Hello after the socket opened: hello_timeout
+    AUTH = "auth"  # READY or RESUMED after Identify or Resume: auth_timeout
+    CLOSE = "close"  # the close handshake: close_timeout
+    BACKOFF = "backoff"  # the reconnect delay
+    NONE = "none"  # no phase deadline (the heartbeat timers are apart)
+
+
+DEADLINES: dict[SessionState, Deadline] = {
+    _S.IDLE: Deadline.NONE,
+    _S.PREPARING: Deadline.REQUEST,
+    _S.CONNECTING: Deadline.CONNECT,
+    _S.AWAITING_HELLO: Deadline.HELLO,
+    _S.IDENTIFYING: Deadline.AUTH,
+    _S.RESUMING: Deadline.AUTH,
+    _S.READY: Deadline.NONE,
+    _S.ZOMBIE: Deadline.CLOSE,
+    _S.CLOSING: Deadline.CLOSE,
+    _S.BACKOFF: Deadline.BACKOFF,
+    _S.STOPPED: Deadline.NONE,
+    _S.ERROR: Deadline.NONE,
+}
+"""The deadline each state runs under; every state is in it exactly once."""
 
 
 def _t(
     trigger: Trigger,
-    source: SessionState | list[SessionState],
+    source: SessionState | tuple[SessionState, ...] | list[SessionState],
     dest: SessionState | None,
     guard: str | None = None,
 ) -> TransitionConfigDict:
     spec: TransitionConfigDict = {
         "trigger": trigger,
-        "source": source if isinstance(source, list) else [source],
+        "source": list(source) if isinstance(source, tuple | list) else [source],
         "dest": dest,
     }
     if guard is not None:
@@ -166,31 +222,43 @@ TRANSITIONS: list[TransitionConfigDict] = [
     _t("recv_hello", _S.AWAITING_HELLO, _S.RESUMING, "can_resume"),
     _t("recv_hello", _S.AWAITING_HELLO, _S.IDENTIFYING),
     # A second Hello on a live connection means the server reset it: reconnect and resume,
-    # never run two heartbeat schedules (FAILURE_MODES S23).
-    _t("recv_hello", _HEARTBEATING, _S.CLOSING),
+    # never run two heartbeat schedules (S23 in docs/design.md#failure-scenarios).
+    _t("recv_hello", HEARTBEATING, _S.CLOSING),
     _t("recv_ready", _S.IDENTIFYING, _S.READY),
     _t("recv_resumed", _S.RESUMING, _S.READY),
     # op 7 may even be the first frame (a node restarting): back off and retry, keep session.
-    _t("recv_reconnect", _LINKED, _S.CLOSING),
-    _t("recv_invalid_session", _HEARTBEATING, _S.CLOSING),
-    _t("ack_missed", _HEARTBEATING, _S.ZOMBIE),
+    _t("recv_reconnect", LINKED, _S.CLOSING),
+    _t("recv_invalid_session", HEARTBEATING, _S.CLOSING),
+    _t("ack_missed", HEARTBEATING, _S.ZOMBIE),
     _t("timer_expired", _S.PREPARING, _S.BACKOFF),
     _t("timer_expired", _S.CONNECTING, _S.BACKOFF),
-    _t("timer_expired", [_S.AWAITING_HELLO, _S.IDENTIFYING, _S.RESUMING], _S.CLOSING),
-    _t("timer_expired", _WINDING_DOWN, _S.STOPPED, "stopping"),
-    _t("timer_expired", _WINDING_DOWN, _S.BACKOFF),
+    _t("timer_expired", [s for s in LINKED if DEADLINES[s] is not Deadline.NONE], _S.CLOSING),
+    _t("timer_expired", WINDING_DOWN, _S.STOPPED, "stopping"),
+    _t("timer_expired", WINDING_DOWN, _S.BACKOFF),
     _t("timer_expired", _S.BACKOFF, _S.PREPARING),
-    _t("transport_closed", _CLOSABLE, _S.STOPPED, "stopping"),
-    _t("transport_closed", _CLOSABLE, _S.BACKOFF),
+    _t("transport_closed", CLOSABLE, _S.STOPPED, "stopping"),
+    _t("transport_closed", CLOSABLE, _S.BACKOFF),
     # A late report about a transport the core already gave up on (aborted, or never
     # opened) changes nothing.
     _t("transport_closed", [_S.PREPARING, _S.BACKOFF, _S.STOPPED], None),
     _t("user_close", [_S.IDLE, _S.PREPARING, _S.CONNECTING, _S.BACKOFF], _S.STOPPED),
-    _t("user_close", _LINKED, _S.CLOSING),
+    _t("user_close", LINKED, _S.CLOSING),
     # Already closing: the close in flight ends in STOPPED instead of BACKOFF.
-    _t("user_close", [*_WINDING_DOWN, _S.STOPPED], None),
+    _t("user_close", [*WINDING_DOWN, _S.STOPPED], None),
     _t("fail", [s for s in SessionState if s is not _S.ERROR], _S.ERROR),
 ]
+
+
+def _sources(trigger: Trigger) -> frozenset[SessionState]:
+    found: set[object] = set()
+    for spec in TRANSITIONS:
+        if spec["trigger"] == trigger:
+            found.update(cast("list[SessionState]", spec["source"]))
+    return frozenset(s for s in SessionState if s in found)
+
+
+ALLOWED: dict[Trigger, frozenset[SessionState]] = {t: _sources(t) for t in get_args(Trigger)}
+"""The states each trigger may be fired from, computed from :data:`TRANSITIONS`."""
 
 
 @functools.cache

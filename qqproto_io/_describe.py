@@ -1,7 +1,8 @@
 # How events read to a human and to a log pipeline: one place, used by the CLI and the logs.
 #
 # Every event becomes a name, a one-line message and a flat dict of JSON-able fields (the
-# schema documented in docs/cli.md). Session ids are masked (first 8 characters): they are not
+# schema documented in docs/cli.md), each named and measured as the event's own field
+# (`error.reason` is `reason`). Session ids are masked (first 8 characters): they are not
 # secrets, but they do not belong in shared logs either (hermes logged them at INFO). Tokens
 # cannot appear: no event carries one.
 """Turn core events into log lines and structured fields."""
@@ -60,6 +61,11 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 1)
 
 
+def _s(seconds: float) -> float:
+    # The event's own unit, to the 0.1 ms the log showed before it used the event's names.
+    return round(seconds, 4)
+
+
 def describe_event(event: Event) -> Description:
     """Describe one event (see docs/cli.md for the field schema)."""
     info, debug, warning, error = logging.INFO, logging.DEBUG, logging.WARNING, logging.ERROR
@@ -75,7 +81,7 @@ def describe_event(event: Event) -> Description:
             "heartbeat_ack",
             debug,
             f"heartbeat acknowledged in {_ms(event.latency)} ms",
-            {"latency_ms": _ms(event.latency), "mean_latency_ms": _ms(event.mean_latency)},
+            {"latency": _s(event.latency), "mean_latency": _s(event.mean_latency)},
         )
     if isinstance(event, StateChanged):
         return Description(
@@ -89,12 +95,12 @@ def describe_event(event: Event) -> Description:
             "hello",
             info,
             f"connected; heartbeat every {event.heartbeat_interval:g} s",
-            {"interval_s": event.heartbeat_interval},
+            {"heartbeat_interval": event.heartbeat_interval},
         )
     if isinstance(event, Ready):
         sid = mask(event.session_id)
         return Description(
-            "ready", info, f"ready: new session {sid}", {"session": sid, "seq": event.seq}
+            "ready", info, f"ready: new session {sid}", {"session_id": sid, "seq": event.seq}
         )
     if isinstance(event, Resumed):
         return Description(
@@ -108,7 +114,7 @@ def describe_event(event: Event) -> Description:
             "zombie",
             warning,
             f"no heartbeat ACK for {event.since_last_ack:.1f} s: connection is dead, reconnecting",
-            {"ack_age_s": round(event.since_last_ack, 3), "interval_s": event.interval},
+            {"since_last_ack": round(event.since_last_ack, 3), "interval": event.interval},
         )
     if isinstance(event, Disconnected):
         return Description(
@@ -119,7 +125,7 @@ def describe_event(event: Event) -> Description:
                 "code": event.code,
                 "reason": event.reason,
                 "by_server": event.by_server,
-                "next": event.next_step.value,
+                "next_step": event.next_step.value,
             },
         )
     if isinstance(event, ReconnectScheduled):
@@ -127,7 +133,7 @@ def describe_event(event: Event) -> Description:
             "reconnect",
             info,
             f"reconnecting in {event.delay:.1f} s because {event.reason}",
-            {"delay_s": round(event.delay, 3), "attempt": event.attempt, "reason": event.reason},
+            {"delay": round(event.delay, 3), "failures": event.failures, "reason": event.reason},
         )
     if isinstance(event, SessionInvalidated):
         return Description(
@@ -135,7 +141,11 @@ def describe_event(event: Event) -> Description:
             warning,
             f"session {mask(event.session_id)} lost ({event.reason}); "
             f"events after seq {event.last_seq} may have been lost",
-            {"session": mask(event.session_id), "seq": event.last_seq, "reason": event.reason},
+            {
+                "session_id": mask(event.session_id),
+                "last_seq": event.last_seq,
+                "reason": event.reason,
+            },
         )
     if isinstance(event, FatalStop):
         return Description(
@@ -169,7 +179,7 @@ def describe_event(event: Event) -> Description:
         return Description(
             "protocol_violation",
             warning,
-            f"server sent something invalid ({event.kind}): {event.error}",
-            {"kind": event.kind, "error": str(event.error)},
+            f"server sent something invalid ({event.error.reason}): {event.error}",
+            {"reason": event.error.reason, "error": str(event.error)},
         )
     return Description(type(event).__name__, debug, repr(event), {})

@@ -6,7 +6,7 @@
 #      in their own tasks and report to the inbox);
 #   2. wait for the next inbox item, but no longer than the core's `get_timer()` deadline;
 #   3. feed that item and then *every item already waiting* to the core, and only then, if
-#      the deadline has passed, call `handle_timer(max(deadline, now))` (DESIGN invariant 3:
+#      the deadline has passed, call `handle_timer(max(deadline, now))` (docs/design.md#inv-3:
 #      an ACK that arrived during a stall is seen before the watchdog looks).
 #
 # The loop holds no protocol decision: when to beat, resume, back off or give up is the

@@ -1,5 +1,5 @@
 # Identify permits and session snapshots shared by many processes and machines, through Redis
-# (DESIGN.md "Beyond one process": Redis is the distributed engine, no home-made coordinator).
+# (docs/design.md#beyond-one-process: Redis is the distributed engine, no home-made coordinator).
 #
 # The limiter's permit is a lease: one key per bucket `shard_id % max_concurrency`, set with
 # SET ... PX <window> by a Lua script that also checks and counts the daily budget, so the

@@ -1,6 +1,6 @@
 # Which shards a process runs.
 #
-# A bot's guilds are split over `count` shards (shard id = guild id % count, PROTOCOL.md §5);
+# A bot's guilds are split over `count` shards (the server routes them: docs/protocol.md#sharding);
 # `/gateway/bot` recommends a count. One process may run all of them or a subset, so that a
 # fleet of processes covers them together: "auto" (the recommended count, all of it),
 # "16" (all sixteen), "3/16" (only shard 3 of 16), "0-7/16" (the first half) or "0,2,4/16".

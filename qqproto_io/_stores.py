@@ -3,7 +3,8 @@
 # The defaults here are for one process and one machine: a SQLite file in WAL mode (each save
 # is one transaction, so a crash mid-write leaves the previous snapshot readable) and an
 # in-process identify limiter with one 5 s window per bucket
-# `shard_id % max_concurrency` plus the daily `session_start_limit` budget (PROTOCOL.md §5).
+# `shard_id % max_concurrency` plus the daily `session_start_limit` budget
+# (docs/protocol.md#identify-budget).
 # Fleets plug in other implementations of the same protocols (qqproto_io._redis).
 #
 # `SnapshotStore` is synchronous on purpose. The driver saves from its command loop, which

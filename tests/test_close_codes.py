@@ -1,4 +1,4 @@
-"""The close-code policy (PROTOCOL.md §3/§8, qqproto/_close_codes.py), row by row.
+"""The close-code policy (docs/protocol.md#close-codes, qqproto/_close_codes.py), row by row.
 
 Every row is driven through the connection, not read back from the table: a live session S1
 at seq 5 meets the server's close code (or op 7 / op 9), and the test watches what the client
@@ -151,9 +151,9 @@ def check_resume_row(drv: Recorder, mark: int, code: int | None) -> ReconnectSch
     assert drv.conn.state is S.BACKOFF
     assert (drv.conn.session_id, drv.conn.seq) == ("S1", 5)
     scheduled = only(since(drv, mark, ReconnectScheduled))
-    assert disc.reconnect_at == scheduled.at
+    assert disc.reconnect_at == scheduled.reconnect_at
     opened_at, first = next_connection(drv)
-    assert opened_at == scheduled.at
+    assert opened_at == scheduled.reconnect_at
     assert_resume_of_s1(first)
     # A Resume does not spend an identify permit, and the cached token is still good.
     assert since(drv, mark, RequestIdentifyPermit) == []
@@ -173,7 +173,7 @@ def check_identify_row(drv: Recorder, mark: int, code: int | None, *, forced: bo
     assert drv.conn.seq is None
     scheduled = only(since(drv, mark, ReconnectScheduled))
     opened_at, first = next_connection(drv)
-    assert opened_at == scheduled.at
+    assert opened_at == scheduled.reconnect_at
     assert_identify(first)
     assert len(since(drv, mark, RequestIdentifyPermit)) == 1
     # A session the server failed or lost (49xx, op 9) may come with a silently invalidated
@@ -218,8 +218,8 @@ def test_4009_after_a_stable_session_resumes_at_once_and_is_not_a_failure() -> N
     drv.server_close(4009, "Session timed out")
     scheduled = check_resume_row(drv, mark, 4009)
     assert scheduled.delay == 0.0
-    assert scheduled.at == t0
-    assert scheduled.attempt == 0
+    assert scheduled.reconnect_at == t0
+    assert scheduled.failures == 0
     assert drv.conn.consecutive_failures == 0
 
 
@@ -233,7 +233,7 @@ def test_4009_two_seconds_after_resumed_counts_as_a_failure() -> None:
     mark = len(drv.outputs)
     drv.server_close(4009)
     scheduled = check_resume_row(drv, mark, 4009)
-    assert scheduled.attempt == 1
+    assert scheduled.failures == 1
     assert drv.conn.consecutive_failures == 1
     window = drv.conn.config.backoff_base
     assert 0.0 <= scheduled.delay < window
@@ -252,7 +252,7 @@ def test_4009_stable_after_boundary(up_for: float, attempt: int) -> None:
     mark = len(drv.outputs)
     drv.server_close(4009)
     scheduled = check_resume_row_from_seq1(drv, mark)
-    assert scheduled.attempt == attempt
+    assert scheduled.failures == attempt
     if attempt == 0:
         assert scheduled.delay == 0.0
 
@@ -277,8 +277,8 @@ def test_op7_closes_with_4000_and_resumes_at_once_after_a_stable_session() -> No
     assert disc.next_step is NextStep.RESUME
     scheduled = only(since(drv, mark, ReconnectScheduled))
     assert scheduled.delay == 0.0
-    assert scheduled.attempt == 0
-    assert scheduled.at == t0
+    assert scheduled.failures == 0
+    assert scheduled.reconnect_at == t0
     assert since(drv, mark, SessionInvalidated) == []
     opened_at, first = next_connection(drv)
     assert opened_at == t0
@@ -312,7 +312,7 @@ def test_undocumented_codes_and_dropped_links_resume(code: int | None) -> None:
     drv.server_close(code)
     scheduled = check_resume_row(drv, mark, code)
     # Not a rotation: it is a failure, with a jittered first backoff step.
-    assert scheduled.attempt == 1
+    assert scheduled.failures == 1
     assert 0.0 <= scheduled.delay < drv.conn.config.backoff_base
 
 
@@ -328,7 +328,7 @@ def test_4008_waits_exactly_the_cooldown_then_resumes_with_the_kept_seq(stable: 
     assert disc.reconnect_at == t0 + 60.0
     scheduled = only(since(drv, mark, ReconnectScheduled))
     assert scheduled.delay == 60.0  # the cooldown replaces the backoff, it does not add to it
-    assert scheduled.at == t0 + 60.0
+    assert scheduled.reconnect_at == t0 + 60.0
     assert drv.conn.get_timer() == t0 + 60.0
     drv.advance(59.999)
     assert drv.opens[-1] < t0, "reconnected before the cooldown ended"

@@ -183,7 +183,7 @@ def test_a_server_that_echoes_closes_but_never_acks_exhausts_the_resume_budget()
         drv.resumed(seq=1)
         while drv.conn.state is not S.BACKOFF:
             jump(drv)  # beats, the zombie, the echoed close
-        attempts.append(drv.of(ReconnectScheduled)[-1].attempt)
+        attempts.append(drv.of(ReconnectScheduled)[-1].failures)
     assert attempts == list(range(2, cfg.max_failed_resumes + 2))
     assert drv.of(SessionInvalidated)
     assert drv.sent[-1].op == OP_IDENTIFY
@@ -237,7 +237,7 @@ def test_a_failed_limiter_backs_off_like_a_failed_attempt() -> None:
     drv.conn.refuse_identify("redis down", drv.now, retry_after=None)
     drv.pump()
     (sched,) = drv.of(ReconnectScheduled)
-    assert sched.attempt == 1
+    assert sched.failures == 1
     assert sched.delay <= drv.conn.config.backoff_base
     assert not drv.conn.health(drv.now + drv.conn.config.liveness_budget + 1).live
 
@@ -481,5 +481,5 @@ def test_a_limiter_that_says_retry_now_gets_a_growing_backoff_not_a_loop() -> No
     for attempt in (1, 2, 3):
         drv.conn.refuse_identify("budget resets now", drv.now, retry_after=0.0)
         drv.pump()
-        assert drv.of(ReconnectScheduled)[-1].attempt == attempt
+        assert drv.of(ReconnectScheduled)[-1].failures == attempt
         drv.advance_to_timer()

@@ -303,7 +303,7 @@ async def test_server_close_4009_resumes_at_once():
             assert (gone.code, gone.by_server, gone.next_step) == (4009, True, NextStep.RESUME)
             scheduled = rec.events[await rec.next(ReconnectScheduled, d)]
             assert scheduled.delay == 0.0
-            assert scheduled.attempt == 0
+            assert scheduled.failures == 0
             await rec.next(Resumed, d)
             conns = server.gateway.connections
             assert [ops(c)[0] for c in conns] == [2, 6]
@@ -325,7 +325,7 @@ async def test_op7_rotation_resumes_at_once():
             assert (gone.code, gone.by_server, gone.next_step) == (4000, True, NextStep.RESUME)
             assert gone.reason == "server requested a reconnect (op 7)"
             scheduled = rec.events[await rec.next(ReconnectScheduled, d)]
-            assert (scheduled.delay, scheduled.attempt) == (0.0, 0)
+            assert (scheduled.delay, scheduled.failures) == (0.0, 0)
             await rec.next(Resumed, d)
             conns = server.gateway.connections
             assert conns[1].received[0][1] == 6
@@ -613,13 +613,13 @@ async def test_oversized_message_is_dropped_and_the_session_goes_on():
             conn.outputs.append(ServerSend("x" * limit))
             server._flush_all()
             violation = rec.events[await rec.next(ProtocolViolation)]
-            assert violation.kind == "malformed_json"
+            assert violation.error.reason == "malformed_json"
             # One character more: dropped by the transport, a violation of its own.
             start = len(rec.events)
             conn.outputs.append(ServerSend("x" * (limit + 1)))
             server._flush_all()
             too_big = rec.events[await rec.next(ProtocolViolation, start)]
-            assert too_big.kind == "too_large"
+            assert too_big.error.reason == "too_large"
             assert too_big.error.size == limit + 1
             # The same connection carries on.
             server.message(1)

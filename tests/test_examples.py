@@ -278,7 +278,7 @@ def test_an_oversized_message_is_dropped_and_reported_on_a_connection_kept(serve
     client.expect("Dispatch(")
     served.call(lambda: served.server.message(2, content="x" * (1 << 20)))
     violation = client.expect("ProtocolViolation(")
-    assert "too_large" in violation
+    assert "PayloadTooLarge(" in violation  # error.reason "too_large"
     served.call(served.server.message, 3)
     client.finish()
 

@@ -114,17 +114,17 @@ def test_a_budget_wait_lasts_until_the_reset_the_gateway_announced_and_is_live()
     drv.advance_to_timer()  # no session left: the spent budget is checked, and waited for
     assert drv.conn.state is SessionState.BACKOFF
     wait = drv.of(ReconnectScheduled)[-1]
-    assert wait.at == pytest.approx(3600.0)
+    assert wait.reconnect_at == pytest.approx(3600.0)
     assert wait.delay == pytest.approx(3600.0 - drv.now)
     health = drv.conn.health(drv.now + 1000.0)
     assert health.live
     assert (
         health.reason
-        == f"waiting {wait.at - drv.now - 1000.0:.0f} s for the identify budget to reset"
+        == f"waiting {wait.reconnect_at - drv.now - 1000.0:.0f} s for the identify budget to reset"
     )
     # When it ends the budget of liveness starts again (the gateway is fetched anew).
     drv.auto_gateway = False
-    advance_to(drv, wait.at)
+    advance_to(drv, wait.reconnect_at)
     assert drv.conn.state is SessionState.PREPARING
-    assert drv.conn.health(wait.at + 119.0).live
-    assert not drv.conn.health(wait.at + 121.0).live
+    assert drv.conn.health(wait.reconnect_at + 119.0).live
+    assert not drv.conn.health(wait.reconnect_at + 121.0).live

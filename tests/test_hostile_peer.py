@@ -598,12 +598,12 @@ def _check_backoff(obs: Observation, config: SessionConfig) -> list[Violation]:
                 )
             )
             break
-        if before and accepted < before[-1].at - BACKOFF_TOLERANCE:
+        if before and accepted < before[-1].reconnect_at - BACKOFF_TOLERANCE:
             found.append(
                 Violation(
                     "backoff",
                     f"connection #{k + 1} at {accepted - t0:.3f} s, before the announced "
-                    f"{before[-1].at - t0:.3f} s ({before[-1]!r})",
+                    f"{before[-1].reconnect_at - t0:.3f} s ({before[-1]!r})",
                 )
             )
     if len(attempts) > MAX_ATTEMPTS:
@@ -612,12 +612,12 @@ def _check_backoff(obs: Observation, config: SessionConfig) -> list[Violation]:
     requests = [(t, what) for t, what, _ in obs.peer.http if what in ("token", "gateway")]
     for at, what in requests:
         before = [e for t, e in scheduled if t <= at]
-        if before and at < before[-1].at - BACKOFF_TOLERANCE:
+        if before and at < before[-1].reconnect_at - BACKOFF_TOLERANCE:
             found.append(
                 Violation(
                     "backoff",
                     f"{what} request at {at - t0:.3f} s, before the announced "
-                    f"{before[-1].at - t0:.3f} s ({before[-1]!r})",
+                    f"{before[-1].reconnect_at - t0:.3f} s ({before[-1]!r})",
                 )
             )
             break
@@ -795,7 +795,7 @@ def _short(event: Event) -> str:
     if isinstance(event, Dispatch):
         return f"Dispatch({event.type} seq={event.seq} id={event.event_id})"
     if isinstance(event, ReconnectScheduled):
-        return f"ReconnectScheduled(delay={event.delay:.3f}, attempt={event.attempt})"
+        return f"ReconnectScheduled(delay={event.delay:.3f}, failures={event.failures})"
     if isinstance(event, Disconnected):
         return f"Disconnected(code={event.code}, {event.reason!r}, next={event.next_step.name})"
     return repr(event)[:160]
@@ -1228,7 +1228,7 @@ def _names(obs: Observation) -> set[str]:
 
 def test_each_invariant_can_fail():
     at = 5.0
-    scheduled = ReconnectScheduled(delay=1.0, at=at, attempt=1, reason="x")
+    scheduled = ReconnectScheduled(delay=1.0, reconnect_at=at, failures=1, reason="x")
     early = _fake(emitted=[(4.0, scheduled)])
     early.peer.attempts = [0.5, 4.5]  # the second one before the announced time
     assert "backoff" in _names(early)

@@ -69,7 +69,7 @@ def test_events_carry_their_fields_and_the_state_after_them(records):
         "event": "ready",
         "shard": 3,
         "state": "READY",
-        "session": SESSION[:8] + "…",
+        "session_id": SESSION[:8] + "…",
         "seq": 1,
     }
     assert SESSION not in records[1].getMessage()

@@ -294,4 +294,4 @@ async def test_no_secret_or_session_id_in_any_log_record_of_a_rough_session(capl
     assert "missed events replayed" in by_event["resumed"].getMessage()
     assert "no heartbeat ACK for" in by_event["zombie"].getMessage()
     assert "reconnecting in" in by_event["reconnect"].getMessage()
-    assert by_event["ready"].qqproto["session"].endswith("…")  # type: ignore[attr-defined]
+    assert by_event["ready"].qqproto["session_id"].endswith("…")  # type: ignore[attr-defined]

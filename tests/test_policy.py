@@ -118,7 +118,7 @@ def test_backoff_grows_with_consecutive_failures() -> None:
     for n, sched in enumerate(scheduled, start=1):
         rng.random()  # the Hello's first-beat jitter
         window = min(60.0, 1.0 * 2 ** (n - 1))
-        assert sched.attempt == n
+        assert sched.failures == n
         assert 0.0 <= sched.delay < window
         assert sched.delay == pytest.approx(rng.random() * window)
         assert backoff_window(n, base=1.0, cap=60.0) == window
@@ -143,7 +143,7 @@ def test_failure_counter_resets_only_after_ready_and_30_s_up() -> None:
     drv.ready()
     keep_alive(drv, drv.now + 10.0)
     drv.server_close(1006)
-    assert drv.of(ReconnectScheduled)[-1].attempt == 4
+    assert drv.of(ReconnectScheduled)[-1].failures == 4
     # Nor does one that dies after 29.9 s (RESUMED this time).
     reconnect(drv)
     drv.hello()
@@ -151,7 +151,7 @@ def test_failure_counter_resets_only_after_ready_and_30_s_up() -> None:
     drv.resumed(seq=1)
     keep_alive(drv, drv.now + 29.9)
     drv.server_close(1006)
-    assert drv.of(ReconnectScheduled)[-1].attempt == 5
+    assert drv.of(ReconnectScheduled)[-1].failures == 5
     # 30 s up after RESUMED: the counter restarts, so this failure is attempt 1.
     reconnect(drv)
     drv.hello()
@@ -160,7 +160,7 @@ def test_failure_counter_resets_only_after_ready_and_30_s_up() -> None:
     drv.ack()  # a sign of life at 30.5 s: only ACKs and payloads count, never the close
     drv.server_close(1006)
     last = drv.of(ReconnectScheduled)[-1]
-    assert last.attempt == 1
+    assert last.failures == 1
     assert 0.0 <= last.delay < 1.0
     assert drv.conn.consecutive_failures == 1
 
@@ -184,7 +184,7 @@ def test_rotation_after_a_stable_session_is_immediate_but_goes_through_backoff(h
     assert changes[-1][1] is S.BACKOFF
     (sched,) = since(drv, mark, ReconnectScheduled)
     assert sched.delay == 0.0
-    assert sched.attempt == 0
+    assert sched.failures == 0
     assert drv.conn.state is S.BACKOFF
     assert drv.conn.get_timer() == drv.now  # a real timer, due at once
     assert since(drv, mark, DisconnectStorm) == []
@@ -201,7 +201,7 @@ def test_rotation_soon_after_a_resume_is_still_a_failure() -> None:
     keep_alive(drv, 10.0)
     drv.recv({"op": 7})
     sched = drv.of(ReconnectScheduled)[-1]
-    assert sched.attempt == 1
+    assert sched.failures == 1
     assert 0.0 <= sched.delay < 1.0
 
 
@@ -225,7 +225,7 @@ def test_s20_server_closing_every_connection_at_once_is_rate_limited_by_backoff(
 
     Full jitter: attempt n waits U(0, min(60, 2**(n-1))). The first six windows sum to 63 s
     (mean 31.5 s); after that each wait has mean 30 s, so 5 minutes hold about
-    1 + 6 + (300 - 31.5) / 30 ~= 16 attempts on average. (FAILURE_MODES S20 suggests at
+    1 + 6 + (300 - 31.5) / 30 ~= 16 attempts on average. (The first suggestion for S20 was at
     most 10 per 5 minutes; full jitter with a 60 s cap gives more, and has no hard lower
     bound on a single delay.) With seed 0 the replica below gives exactly 14.
     """
@@ -280,7 +280,7 @@ def test_s9_resume_that_dies_at_once_falls_back_to_identify_after_three() -> Non
         advance_to(drv, drv.now + 0.5)
         drv.server_close(1006)
         sched = drv.of(ReconnectScheduled)[-1]
-        assert sched.attempt == n
+        assert sched.failures == n
         assert sched.delay == pytest.approx(rng.random() * 2.0 ** (n - 1))
         reconnect(drv)
     # The 4th connection Identifies, with a permit.
@@ -293,7 +293,7 @@ def test_s9_resume_that_dies_at_once_falls_back_to_identify_after_three() -> Non
     assert inv.reason == "resume failed 3 times in a row"
     assert (inv.session_id, inv.last_seq) == ("S1", 23)
     # The windows grew 1, 2, 4 s; attempts 1, 2, 3.
-    assert [s.attempt for s in drv.of(ReconnectScheduled)] == [1, 2, 3]
+    assert [s.failures for s in drv.of(ReconnectScheduled)] == [1, 2, 3]
     assert drv.persisted()[-1] is None
 
 
@@ -339,7 +339,7 @@ def test_expires_in_forms_and_no_refetch_on_a_reconnect_at_100(expires_in: objec
     drv = Driver(seed=1, expires_in=expires_in)  # type: ignore[arg-type]
     drv.connect_ready()
     assert drv.of(ProtocolViolation) == []
-    assert drv.conn._token_expires_at == pytest.approx(7200.0)
+    assert drv.conn._token.expires_at == pytest.approx(7200.0)
     keep_alive(drv, 100.0)
     drv.server_close(4009)  # stable: reconnects at once, at t=100
     reconnect(drv)
@@ -389,7 +389,7 @@ def test_short_or_bad_expires_in_never_loops(expires_in: object) -> None:
     violations = drv.of(ProtocolViolation)
     if expires_in == "junk":
         assert violations
-        assert all(v.kind == "invalid_response" for v in violations)
+        assert all(v.error.reason == "invalid_response" for v in violations)
     else:
         assert violations == []
 
@@ -432,7 +432,7 @@ def test_token_fetch_failures_back_off_and_retry_for_three_minutes() -> None:
         n += 1
         assert drv.conn.state is S.BACKOFF
         sched = drv.of(ReconnectScheduled)[-1]
-        assert sched.attempt == n
+        assert sched.failures == n
         assert sched.delay == pytest.approx(rng.random() * min(60.0, 2.0 ** (n - 1)))
         assert sched.reason == "token request failed: HTTP 503"
         reconnect(drv)
@@ -515,13 +515,13 @@ def test_start_limit_remaining_counts_down_per_identify() -> None:
     limit = SessionStartLimit(total=1000, remaining=2, reset_after=600.0, max_concurrency=1)
     drv = Driver(seed=10, start_limit=limit)
     drv.connect_ready()
-    assert drv.conn._start_limit is not None
-    assert drv.conn._start_limit.remaining == 1
+    assert drv.conn._budget.limit is not None
+    assert drv.conn._budget.limit.remaining == 1
     drv.server_close(4006)
     reconnect(drv)
     drv.hello()
     drv.ready("S2")
-    assert drv.conn._start_limit.remaining == 0
+    assert drv.conn._budget.limit.remaining == 0
     # A Resume does not need the budget.
     drv.server_close(1006)
     reconnect(drv)
@@ -533,7 +533,7 @@ def test_start_limit_remaining_counts_down_per_identify() -> None:
     reconnect(drv)
     sched = drv.of(ReconnectScheduled)[-1]
     # The reset is 600 s after /gateway/bot answered (t=0), not 600 s from now.
-    assert sched.at == 600.0
+    assert sched.reconnect_at == 600.0
     assert sched.delay == 600.0 - drv.now
     assert "session_start_limit" in sched.reason
     assert len(drv.sent_ops(OP_IDENTIFY)) == 2
@@ -596,9 +596,9 @@ def test_dedup_memory_is_bounded_by_count() -> None:
     drv.connect_ready()
     for s in range(2, 502):
         drv.dispatch(s, event_id=f"E{s}", message_id=f"m{s}")
-        assert len(drv.conn._seen_events) <= 50
-        assert len(drv.conn._seen_messages) <= 50
-    assert len(drv.conn._seen_events) == 50
+        assert len(drv.conn._dedup.events) <= 50
+        assert len(drv.conn._dedup.messages) <= 50
+    assert len(drv.conn._dedup.events) == 50
     assert len(drv.of(Dispatch)) == 500
     # The oldest ids were forgotten, the recent ones are remembered.
     drv.server_close(4006)
@@ -624,7 +624,7 @@ def test_dedup_memory_is_bounded_by_age() -> None:
     assert [d.seq for d in drv.of(Dispatch)] == [2, 4]
     keep_alive(drv, t0 + 200.0)
     drv.dispatch(5, event_id="E5", message_id="m5")
-    assert len(drv.conn._seen_events) == 1  # expired ids are swept
+    assert len(drv.conn._dedup.events) == 1  # expired ids are swept
 
 
 def test_s16_resumed_with_string_d_counts_replays_delivered_before_it() -> None:
@@ -1094,7 +1094,7 @@ def test_parse_expires_in_rejects_edge_cases(value: object) -> None:
 
 
 def test_outputs_are_frozen() -> None:
-    out: Output = ReconnectScheduled(delay=1.0, at=2.0, attempt=1, reason="r")
+    out: Output = ReconnectScheduled(delay=1.0, reconnect_at=2.0, failures=1, reason="r")
     with pytest.raises(AttributeError):
         out.delay = 5.0  # type: ignore[misc]
     assert Ready(session_id="S", seq=1, data={"secret": "x"}).__repr__().count("secret") == 0

@@ -1,13 +1,13 @@
 from __future__ import annotations
 
-# FAILURE_MODES.md §6, scenarios S1-S12, run on the seeded virtual-clock simulator against the
+# Scenarios S1-S12 of docs/design.md#failure-scenarios, run on the seeded simulator against the
 # fake gateway. Every test asserts its scenario's "Check" line with numbers on the virtual
 # clock. Times in the scenarios are "seconds from the first TCP accept"; in the simulator the
 # first accept happens at 0.12 s (HTTP 2 x 50 ms, then 20 ms of latency), which is close
 # enough that scripted times (t=50, t=100, ...) are used as they are written.
 #
-# Where the code deliberately differs from a *suggested* default of FAILURE_MODES.md (the
-# [bracketed] numbers), the test pins what the code does and says so. Where the code is wrong
+# Where the code deliberately differs from a default first *suggested* for a scenario, the
+# test pins what the code does and says so. Where the code is wrong
 # against a scenario's "Client must", the test asserts the right behaviour and is marked
 # xfail(strict=True) with the reason.
 #
@@ -250,7 +250,7 @@ def test_s02_acks_stop_zombie_then_resume() -> None:
     # Reconnect after the first backoff step: window 1 s.
     ((rs_at, rs),) = _events(client, ReconnectScheduled)
     assert rs_at == gone_at
-    assert rs.attempt == 1
+    assert rs.failures == 1
     assert 0.0 <= rs.delay < _window(1) == 1.0
     assert len(client.opens) == 2
     assert client.opens[1] == pytest.approx(gone_at + rs.delay)
@@ -426,7 +426,7 @@ def test_s05_op7_rotation_reconnects_at_once_and_replays() -> None:
 
     # Reconnect at once, not counted as a failure: attempt 0, delay 0.
     ((rs_at, rs),) = _events(client, ReconnectScheduled)
-    assert (rs.attempt, rs.delay) == (0, 0.0)
+    assert (rs.failures, rs.delay) == (0, 0.0)
     assert rs_at == gone_at
     assert produced == [gone_at]
     assert client.opens[1] == gone_at
@@ -469,7 +469,7 @@ def test_s06_bare_4009_close_resumes() -> None:
     assert (disc.code, disc.by_server, disc.next_step) == (4009, True, NextStep.RESUME)
     # The session had stayed up (300 s > stable_after 30 s) and 4009 is a rotation: no delay.
     ((_, rs),) = _events(client, ReconnectScheduled)
-    assert (rs.attempt, rs.delay) == (0, 0.0)
+    assert (rs.failures, rs.delay) == (0, 0.0)
     assert client.opens[1] == gone_at
 
     _, ready = _first(client, Ready)
@@ -615,10 +615,10 @@ def test_s09_stale_session_falls_back_to_identify(how: str) -> None:
     # once is a failure. attempt counts consecutive failures (the live process counts the
     # drop of its long-lived link as failure 1).
     scheduled = [e for _, e in _events(proc, ReconnectScheduled)]
-    attempts = [e.attempt for e in scheduled]
+    attempts = [e.failures for e in scheduled]
     expected = [1, 2, 3] if how == "restart" else [1, 2, 3, 4]
     assert attempts == expected
-    assert all(0.0 <= e.delay < _window(e.attempt) for e in scheduled)
+    assert all(0.0 <= e.delay < _window(e.failures) for e in scheduled)
     assert [_window(a) for a in attempts] == [1.0, 2.0, 4.0, 8.0][: len(attempts)]
     assert len({round(e.delay, 6) for e in scheduled}) == len(scheduled)  # not a flat delay
     opens = [t for t in proc.opens if t >= 100.0]
@@ -684,7 +684,7 @@ def test_s10_op9_on_identify_backs_off_one_identify_per_connection() -> None:
     assert per_connection == [1] * len(sim.gateway.connections)
     assert sim.gateway.identifies == []  # none succeeded
 
-    # Attempts in the first 2 minutes. FAILURE_MODES suggests a 2/5/10/30/60 s ladder, which
+    # Attempts in the first 2 minutes. The first suggestion was a 2/5/10/30/60 s ladder, which
     # allows at most 6. The code draws full jitter from windows 1, 2, 4, 8, 16, 32, 60 s, so a
     # delay may be close to 0: the core alone bounds nothing, the identify limiter (one
     # permit per 5 s) does: at most 1 + 120 / 5 = 25 attempts. Expected about 9-10; with
@@ -697,8 +697,8 @@ def test_s10_op9_on_identify_backs_off_one_identify_per_connection() -> None:
 
     # Growing windows: attempt k waits uniform(0, min(60, 2 ** (k - 1))).
     scheduled = [e for _, e in _events(client, ReconnectScheduled)]
-    assert [e.attempt for e in scheduled] == list(range(1, len(scheduled) + 1))
-    assert all(0.0 <= e.delay < _window(e.attempt) for e in scheduled)
+    assert [e.failures for e in scheduled] == list(range(1, len(scheduled) + 1))
+    assert all(0.0 <= e.delay < _window(e.failures) for e in scheduled)
     # The server's verdict (4903, after op 9 d:false) is what is reported.
     disc = [e for _, e in _events(client, Disconnected)]
     assert {(e.code, e.reason, e.next_step) for e in disc} == {
@@ -798,7 +798,7 @@ def test_s12_4008_cooldown_then_resume_with_kept_seq(trigger: str) -> None:
     # The fake closes 4008 when 3 payloads arrive within 1 s, during the whole run: a client
     # that ever bursts (beats, Identify/Resume retries) trips it. "scripted": the server
     # closes 4008 at t=300. "burst": the server sends three op 1 within 0.2 s; the client
-    # answers each at once (DESIGN invariant 1), which is a burst of its own making.
+    # answers each at once (docs/design.md#inv-1), which is a burst of its own making.
     sim = _sim()
     sim.gateway.faults.rate_limit = True
     client = _started(sim)
@@ -818,7 +818,7 @@ def test_s12_4008_cooldown_then_resume_with_kept_seq(trigger: str) -> None:
     assert len(answers) == (3 if trigger == "burst" else 0)
     # One wait only: exactly the 60 s cooldown, not cooldown + backoff.
     ((_, rs),) = _events(client, ReconnectScheduled)
-    assert (rs.delay, rs.attempt) == (CFG.rate_limit_cooldown, 1)
+    assert (rs.delay, rs.failures) == (CFG.rate_limit_cooldown, 1)
     assert rs.delay == 60.0
     assert len(client.opens) == 2
     assert client.opens[1] >= gone_at + 60.0

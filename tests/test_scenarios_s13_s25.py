@@ -1,14 +1,14 @@
 from __future__ import annotations
 
-# FAILURE_MODES.md §6, scenarios S13-S25, on the seeded virtual-clock simulator.
+# Scenarios S13-S25 of docs/design.md#failure-scenarios, on the seeded virtual-clock simulator.
 #
 # Every test asserts its scenario's "Check" line with numbers on the virtual clock. Numbers that
 # depend on the seed (backoff draws, beat jitter) are pinned for that seed and explained next to
 # the assertion, so that a change in behaviour shows up as a changed number, not a silent pass.
 #
-# Where the code differs from a *suggested* default of FAILURE_MODES.md, the test pins what the
+# Where the code differs from a default first *suggested* for a scenario, the test pins what the
 # code does and says why in a comment. Where the code (core or simulator) is wrong against the
-# scenario's "Client must" or DESIGN.md's invariants, the test states the right behaviour and is
+# scenario or an invariant of docs/design.md, the test states the right behaviour and is
 # marked ``xfail(strict=True)`` with the reason.
 #
 # Hooks the simulator lacks are built here from its public pieces (see ``_commands``,
@@ -149,7 +149,7 @@ def _record_live_on_accept(sim: Simulation) -> list[int]:
 
 def _seen_ids(client: SimClient) -> tuple[int, int]:
     conn = client.conn
-    return len(conn._seen_events), len(conn._seen_messages)
+    return len(conn._dedup.events), len(conn._dedup.messages)
 
 
 # ------------------------------------------------------------------------------- S13
@@ -226,7 +226,7 @@ def test_s14_token_expiry_mid_session() -> None:
     # 4009 after a stable session is a rotation: no delay, attempt 0; the expired T1 is
     # replaced before the attempt (one request at 9000.02, answered 9000.07).
     [(_, again)] = _events(client, ReconnectScheduled)
-    assert (again.delay, again.attempt) == (0.0, 0)
+    assert (again.delay, again.failures) == (0.0, 0)
     assert gw.token_requests == [pytest.approx(0.05), pytest.approx(9000.07)]
     assert [c.force for _, c in _of(log, FetchToken)] == [False, False]
     [(resumed_at, resume)] = _received(second, RESUME)
@@ -272,10 +272,10 @@ def test_s14a_stale_token_resume_gets_4004() -> None:
     assert dropped.reason == "authentication failed"
     rotation, rejected = (e for _, e in _events(client, ReconnectScheduled))
     assert rotation.delay == 0.0
-    assert rejected.attempt == 1
+    assert rejected.failures == 1
     assert rejected.delay == pytest.approx(0.4372, abs=1e-4)
     assert rejected.delay < _window(1)
-    # PROTOCOL.md §8 rule 4 (4004 -> force a token refresh, then Identify): the session is
+    # 4004 forces a token refresh, then Identify (docs/protocol.md#close-codes): the session is
     # dropped and a new one starts, with the new token. Pinned; see the report about a
     # second Resume with the fresh token, which would have kept the session.
     [(identified_at, identify)] = _received(third, IDENTIFY)
@@ -336,8 +336,8 @@ def test_s14c_token_endpoint_down_for_three_minutes() -> None:
         e for _, e in _events(client, ReconnectScheduled) if "token request failed" in e.reason
     ]
     assert len(failed) == 12
-    assert [e.attempt for e in failed] == list(range(1, 13))
-    assert all(e.delay < _window(e.attempt) for e in failed)
+    assert [e.failures for e in failed] == list(range(1, 13))
+    assert all(e.delay < _window(e.failures) for e in failed)
     # Bounded: the gaps follow the windows 1, 2, 4 ... 60, the last three are capped draws.
     assert [round(e.delay, 2) for e in failed[-3:]] == [48.44, 44.39, 57.33]
     # Recovery: the first request after the outage (9191.52) succeeds and the session resumes.
@@ -566,7 +566,7 @@ def test_s17_wake_honours_the_backoff_delay() -> None:
     _, client, log, seen = _blocking_handler_run()
     [(_, again)] = _events(client, ReconnectScheduled)
     opens = [at for at, _ in _of(log, OpenConnection) if at > seen["stalled_at"]]
-    assert opens[0] >= again.at
+    assert opens[0] >= again.reconnect_at
 
 
 def test_s17_short_stall_keeps_the_beat_schedule() -> None:
@@ -664,7 +664,11 @@ def test_s18_close_handshake_never_completes() -> None:
     # The connection's state is per-connection or bounded.
     conn = client.conn
     assert conn.drain() == []
-    assert (conn._failures, conn._quick_disconnects, conn._failed_resumes) == (0, 0, 0)
+    assert (
+        conn._reconnects.failures,
+        conn._reconnects.quick_disconnects,
+        conn._reconnects.failed_resumes,
+    ) == (0, 0, 0)
     assert len(conn.latency.samples) <= CFG.latency_samples
     assert client._backlog == []
     assert len(sim._server_timers) <= 1
@@ -691,10 +695,12 @@ def test_s19_http_hangs() -> None:
     assert len(timeouts) == 13
     assert {e.reason for e in timeouts} == {"token request took longer than 30 s"}
     for k, event in enumerate(timeouts):
-        assert event.attempt == k + 1
-        assert event.delay < _window(event.attempt)
-        assert event.at - fetches[k] == pytest.approx(30.0 + event.delay)  # never silent:
-        assert fetches[k + 1] == pytest.approx(event.at)  # one event, one attempt per slot
+        assert event.failures == k + 1
+        assert event.delay < _window(event.failures)
+        assert event.reconnect_at - fetches[k] == pytest.approx(30.0 + event.delay)  # never silent:
+        assert fetches[k + 1] == pytest.approx(
+            event.reconnect_at
+        )  # one event, one attempt per slot
     assert [round(at, 1) for at in fetches[:6]] == [0.0, 30.8, 62.1, 93.0, 123.5, 154.4]
     [(ready_at, _)] = _events(client, Ready)
     assert ready_at == pytest.approx(618.0954, abs=1e-4)
@@ -718,7 +724,7 @@ def test_s19_websocket_open_hangs() -> None:
     opens = [at for at, _ in _of(log, OpenConnection)]
     # The per-phase connect_timeout (30 s) cuts each stalled open; note that the deadline is
     # per phase (token 30 s, gateway 30 s, connect 30 s, Hello 30 s, READY 30 s), not the
-    # single 30 s per attempt suggested by FAILURE_MODES S19.
+    # single 30 s per attempt first suggested for S19 (docs/design.md#failure-scenarios).
     assert [round(a - o, 9) for o, a in zip(opens, aborts, strict=False)] == [30.0] * len(aborts)
     assert len(aborts) == 9  # the 9th stalled open started before the fix at 300
     reasons = {e.reason for _, e in _events(client, ReconnectScheduled)}
@@ -796,14 +802,14 @@ def test_s20_busy_loop_guard() -> None:
     # identify limiter grants one permit per 5 s, so the first five attempts go 5 s apart
     # (their delays are < 5 s), then about +8, +16, +30, +30 ...: about 15 attempts in the
     # first 5 minutes, then about 300 / 30 = 10 per 5 minutes. This seed: 17, then 10-13.
-    # FAILURE_MODES S20's check says <= 10 per 5 minutes: exceeded here (see the report).
+    # The check first suggested for S20 was <= 10 per 5 minutes: exceeded here, by design.
     assert _per_window(client.opens, 1800.0) == [17, 10, 13, 11, 12, 12]
     assert len(client.opens) == 75
     # Every attempt went through a backoff sleep: one ReconnectScheduled between attempts.
     scheduled = [e for _, e in _events(client, ReconnectScheduled)]
     assert len(scheduled) == len(client.opens)
-    assert all(e.delay < _window(e.attempt) for e in scheduled)
-    assert all(b >= a.at for a, b in zip(scheduled, client.opens[1:], strict=False))
+    assert all(e.delay < _window(e.failures) for e in scheduled)
+    assert all(b >= a.reconnect_at for a, b in zip(scheduled, client.opens[1:], strict=False))
     # The quick-disconnect diagnostic after 3 (then every 3).
     storms = _events(client, DisconnectStorm)
     first_at, first = storms[0]
@@ -953,7 +959,7 @@ def _interval_run(*, server_op1: bool) -> tuple[Simulation, SimClient, list[tupl
 def test_s22_hello_interval_changes_and_server_op1() -> None:
     sim, client, log = _interval_run(server_op1=True)
     hellos = [(round(at, 2), e.heartbeat_interval) for at, e in _events(client, HelloReceived)]
-    # Note: the floor is min_heartbeat_interval = 1 s, not FAILURE_MODES' suggested 5 s:
+    # Note: the floor is min_heartbeat_interval = 1 s, not the 5 s first suggested for S22:
     # Hello(1 ms) is run at 1 s (the config says 1 s lets local fakes run fast).
     assert hellos == [(0.14, INTERVAL), (100.06, 30.0), (300.06, 1.0)]
     _, second, third = sim.gateway.connections
@@ -1016,7 +1022,7 @@ def test_s23_malformed_frames() -> None:
         client.conn.receive(b"\xff\xfe{", sim.now, attempt=link.attempt)
 
     sim.at(60.0, lambda: client._input(feed_bytes))
-    # Dispatches without s: PROTOCOL.md §2 says such frames exist; they are delivered with
+    # Dispatches without s exist (docs/protocol.md#sequence-and-dedup); they are delivered with
     # seq None and leave the sequence alone (pinned: they are not violations).
     no_s = '{"op":0,"s":null,"t":"C2C_MESSAGE_CREATE","id":"e-null","d":{"id":"m-null"}}'
     missing_s = '{"op":0,"t":"C2C_MESSAGE_CREATE","id":"e-none","d":{"id":"m-none"}}'
@@ -1026,7 +1032,9 @@ def test_s23_malformed_frames() -> None:
     sim.run_until(100.0)
 
     violations = [e for _, e in _events(client, ProtocolViolation)]
-    assert [v.kind for v in violations] == [kind for _, kind in _BAD_FRAMES] + ["invalid_utf8"]
+    assert [v.error.reason for v in violations] == [kind for _, kind in _BAD_FRAMES] + [
+        "invalid_utf8"
+    ]
     assert not any(_USER_TEXT in str(v.error) or _USER_TEXT in repr(v) for v in violations)
     assert [(d.seq, d.event_id) for d in client.dispatches[-3:]] == [
         (None, "e-null"),
@@ -1093,9 +1101,9 @@ def test_s24_4004_storm() -> None:
     assert len(client.opens) == 33
     assert _per_window(client.opens, 600.0) == [19, 14]
     scheduled = [e for _, e in _events(client, ReconnectScheduled)]
-    assert [e.attempt for e in scheduled] == list(range(1, 34))
-    assert all(e.delay < _window(e.attempt) for e in scheduled)
-    assert [_window(e.attempt) for e in scheduled[:8]] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert [e.failures for e in scheduled] == list(range(1, 34))
+    assert all(e.delay < _window(e.failures) for e in scheduled)
+    assert [_window(e.failures) for e in scheduled[:8]] == [1, 2, 4, 8, 16, 32, 60, 60]
     # The token is refreshed with force=True after the first 4004 - and, pinned, after
     # every later one too: one forced token request per attempt (see the report).
     forces = [c.force for _, c in _of(log, FetchToken)]
@@ -1135,7 +1143,7 @@ def test_s25_session_age_cap_is_not_implemented() -> None:
     # op 7 every 30 min: 144 rotations, each a Resume of the same session, none a failure.
     assert len(gw.resumes) == 144
     assert len(_events(client, Resumed)) == 144
-    assert {e.attempt for _, e in _events(client, ReconnectScheduled)} == {0}
+    assert {e.failures for _, e in _events(client, ReconnectScheduled)} == {0}
     assert {r["session_id"] for s in gw.connections[1:] for _, r in _received(s, RESUME)} == {
         ready.session_id
     }

@@ -60,8 +60,8 @@ class Day:
         conn = self.client.conn
         self.max_sessions = max(self.max_sessions, len(self.sim.gateway.sessions))
         self.max_live = max(self.max_live, len(self.sim.gateway.live))
-        self.max_seen_events = max(self.max_seen_events, len(conn._seen_events))
-        self.max_seen_messages = max(self.max_seen_messages, len(conn._seen_messages))
+        self.max_seen_events = max(self.max_seen_events, len(conn._dedup.events))
+        self.max_seen_messages = max(self.max_seen_messages, len(conn._dedup.messages))
 
     def half_open(self) -> None:
         self.half_opens.append((self.sim.now, len(self.client.events)))
@@ -125,7 +125,7 @@ def test_a_virtual_day_of_one_session() -> None:
     # Memory stays bounded: the dedup windows and the gateway's sessions.
     assert day.max_seen_events <= CONFIG.dedup_max_ids
     assert day.max_seen_messages <= CONFIG.dedup_max_ids
-    assert len(client.conn._seen_events) <= CONFIG.dedup_max_ids
+    assert len(client.conn._dedup.events) <= CONFIG.dedup_max_ids
     assert day.max_sessions <= 2
     assert day.max_live <= 1
 

@@ -10,7 +10,7 @@ while, ``faults.no_ack``, ``faults.resume_invalid`` (``d: false`` or ``d: true``
 At the end of the run the faults, the rotations and the messages stop and the world settles
 for 10 virtual minutes. Then:
 
-(a) every message the gateway produced was delivered to the application (DESIGN invariant 5),
+(a) every message the gateway produced was delivered to the application (docs/design.md#inv-5),
     or the client emitted a ``SessionInvalidated`` covering it; nothing was delivered twice by
     one process; a restarted process (which loses its in-memory dedup) only re-delivers what
     came after the snapshot it resumed from; within a session, sequence numbers only grow;
@@ -510,7 +510,7 @@ class Run:
             stayed_up = 0.0  # from READY to the end of the connection (as the core counts)
             for t, event in client.events:
                 if isinstance(event, ReconnectScheduled):
-                    scheduled_at, scheduled_delay = event.at, event.delay
+                    scheduled_at, scheduled_delay = event.reconnect_at, event.delay
                     if event.delay == 0 and stayed_up < CONFIG.stable_after:
                         problems.append(
                             Problem(
@@ -695,7 +695,7 @@ def test_a_stall_does_not_cut_the_reconnect_delay_short() -> None:
     assert scheduled.delay == CONFIG.rate_limit_cooldown
     assert len(client.opens) == 2
     # The second socket opens when the cool-down ends (150.0), not at the wake (90.0).
-    assert client.opens[1] >= scheduled.at - EPSILON
+    assert client.opens[1] >= scheduled.reconnect_at - EPSILON
 
 
 def test_two_stalls_ending_together_do_not_crash_the_simulation() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 # The model below mirrors what the core must do, and each output is checked as it comes out
 # of `drain()`, in order: the StateChanged an input causes comes before the events of that
 # input (Hello, READY, RESUMED, the zombie after its close frame, the Disconnected before
-# what settling it causes). Failure messages name the DESIGN.md invariant ("Inv 1" ...
+# what settling it causes). Failure messages name the docs/design.md invariant ("Inv 1" ...
 # "Inv 11") they belong to. The model replays the core's random draws (the first beat after
 # Hello, each jittered backoff) from a replica of its seeded generator, so beats, zombies and
 # delays are compared exactly, with EPS only where arithmetic differs.
@@ -1002,15 +1002,15 @@ class GatewayMachine(RuleBasedStateMachine):
         assert not st_.seen_scheduled
         assert st_.seen_disconnected or not st_.disconnected, "ReconnectScheduled first"
         st_.seen_scheduled = True
-        assert abs(out.at - (self.now + out.delay)) <= EPS, "Inv 6: ReconnectScheduled.at"
-        assert out.attempt == st_.attempt, f"Inv 6: attempt {out.attempt}, expected {st_.attempt}"
+        assert abs(out.reconnect_at - (self.now + out.delay)) <= EPS, "Inv 6: reconnect_at"
+        assert out.failures == st_.attempt, f"Inv 6: failures {out.failures}, not {st_.attempt}"
         if st_.delay is not None:
             assert out.delay == st_.delay, f"Inv 6: delay {out.delay}, expected {st_.delay}"
         else:
             # The same draw as the core's, from the replica of its generator.
             expected = self.rng.random() * st_.window
             assert 0 <= out.delay < st_.window <= CFG.backoff_cap, (
-                f"Inv 6: delay {out.delay} outside [0, {st_.window}) after {out.attempt} failures"
+                f"Inv 6: delay {out.delay} outside [0, {st_.window}) after {out.failures} failures"
             )
             assert out.delay == expected, f"Inv 6: delay {out.delay}, the draw gives {expected}"
         if out.delay == 0:
@@ -1020,9 +1020,9 @@ class GatewayMachine(RuleBasedStateMachine):
             rotation = policy is not None and policy.rotation and st_.attempt == 0
             assert st_.planned or rotation, f"Inv 6: a reconnect without delay after {self.cause}"
         self.scheduled_since_open = True
-        self.backoff_at = out.at
+        self.backoff_at = out.reconnect_at
         if st_.planned:
-            self.planned_until = out.at
+            self.planned_until = out.reconnect_at
 
     def _on_fatal(self, out: FatalStop) -> None:
         st_ = self.settle
@@ -1036,7 +1036,7 @@ class GatewayMachine(RuleBasedStateMachine):
             assert out.hint, "wrong credentials stop without a hint"
 
     def _on_violation(self, out: ProtocolViolation) -> None:
-        assert out.kind == out.error.reason
+        assert out.error.reason != RemoteProtocolError.reason, "a violation without its own tag"
 
     def _on_storm(self, out: DisconnectStorm) -> None:
         assert out.count >= CFG.storm_threshold
@@ -2020,10 +2020,11 @@ class GatewayMachine(RuleBasedStateMachine):
             return
         ref = self.budget_from if self.live_at is None else max(self.live_at, self.budget_from)
         live = self.now - ref <= CFG.liveness_budget
+        core = self.conn._liveness
         assert health.live == live, (
             f"health: live={health.live} in {state.name}, {self.now - ref:.1f} s after "
             f"{'READY' if self.live_at is not None else 'the start or a planned wait'} "
-            f"(core: {self.conn._budget_from}, {self.conn._live_at}; model: {self.budget_from}, "
+            f"(core: {core.budget_from}, {core.live_at}; model: {self.budget_from}, "
             f"{self.live_at}; now {self.now})"
         )
 

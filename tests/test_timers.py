@@ -1,6 +1,6 @@
 """Heartbeat schedule, ACK watchdog and phase deadlines of GatewayConnection, on virtual time.
 
-aioquic style (LIBRARY_NOTES A.4): every deterministic deadline is asserted exactly with
+aioquic style (docs/design.md#time-and-timers): each deterministic deadline is asserted exactly with
 ``get_timer()`` and then jumped to. Jittered values are recomputed from a ``random.Random``
 replica making the same draws as the connection: one ``rng.random()`` per Hello (the first
 beat, ``_heartbeat.Keepalive``) and one per BACKOFF entry that uses the backoff formula
@@ -253,9 +253,9 @@ def test_zombie_exactly_two_intervals_after_the_last_acked_beat_then_abort_and_r
     # Draw 1 was the first beat; draw 2 is the backoff. The session had stayed up, so the
     # failure counter restarted: attempt 1, window 1 s.
     expected_delay = draws(seed, 2)[1] * 1.0
-    assert sched.attempt == 1
+    assert sched.failures == 1
     assert sched.delay == pytest.approx(expected_delay)
-    assert sched.at == pytest.approx(t_abort + expected_delay)
+    assert sched.reconnect_at == pytest.approx(t_abort + expected_delay)
     assert drv.conn.get_timer() == pytest.approx(t_abort + expected_delay)
 
     # The next connection resumes the held session.
@@ -392,7 +392,7 @@ def test_server_op1_before_hello_is_a_violation_not_a_beat() -> None:
     drv.start()
     drv.recv({"op": 1})
     assert beats(drv) == []
-    assert [v.kind for v in drv.of(ProtocolViolation)] == ["unexpected_payload"]
+    assert [v.error.reason for v in drv.of(ProtocolViolation)] == ["unexpected_payload"]
     assert drv.conn.state is S.AWAITING_HELLO
 
 
@@ -414,7 +414,7 @@ def test_connecting_deadline_aborts_at_exactly_connect_timeout() -> None:
     (gone,) = drv.of(Disconnected)
     assert gone.code is None
     (sched,) = drv.of(ReconnectScheduled)
-    assert sched.attempt == 1
+    assert sched.failures == 1
     assert sched.delay == pytest.approx(draws(seed, 1)[0])  # no Hello, so the first draw
     assert drv.conn.get_timer() == pytest.approx(35.0 + sched.delay)
     jump(drv)
@@ -462,7 +462,7 @@ def test_auth_deadline_closes_at_exactly_auth_timeout(resume: bool) -> None:
     assert (state, S.CLOSING) in state_changes(drv)
     assert drv.conn.state is S.BACKOFF  # the Driver echoed the close
     (sched,) = drv.of(ReconnectScheduled)
-    assert sched.at == pytest.approx(35.0 + sched.delay)
+    assert sched.reconnect_at == pytest.approx(35.0 + sched.delay)
     jump(drv)
     assert len(drv.of(OpenConnection)) == 2
 
@@ -589,7 +589,7 @@ def test_time_going_backwards_after_a_deadline_does_not_rearm_it() -> None:
     assert timer is not None
     assert timer >= 130.0  # the backoff counts from the clamped clock
     drv.conn.provide_token(TOKEN, 7200, 50.0)  # older reading: expiry counts from 130
-    assert drv.conn._token_expires_at == pytest.approx(130.0 + 7200.0)
+    assert drv.conn._token.expires_at == pytest.approx(130.0 + 7200.0)
 
 
 @pytest.mark.parametrize(

@@ -54,8 +54,8 @@ from qqproto import (
     ZombieDetected,
     _states,
 )
-from qqproto._connection import _Model
 from qqproto._diagram import edges
+from qqproto._lifecycle import _Model
 from tests.helpers import GATEWAY_URL, Driver
 
 S = SessionState
@@ -66,7 +66,7 @@ EDGES: frozenset[tuple[str, str]] = frozenset(
     (e.source, e.dest) for e in edges() if e.dest is not None and e.dest != e.source
 )
 
-# States that wait on the network: each must have a deadline (DESIGN invariant 8), except
+# States that wait on the network: each must have a deadline (docs/design.md#inv-8), except
 # PREPARING while it waits for an identify permit (the limiter owns that wait).
 BOUNDED = frozenset(
     {

@@ -7,7 +7,7 @@
 # Each SimClient plays the part of a real driver around one GatewayConnection, with the same
 # duties qqproto_io has: execute every command, feed every result back, re-arm the single
 # timer from `get_timer()` after every input, and - after a process stall - feed all data
-# that piled up before running timers (DESIGN invariant 3). Between a client and the fake
+# that piled up before running timers (docs/design.md#inv-3). Between a client and the fake
 # gateway sits a Link per WebSocket, which carries messages with latency (per-direction FIFO,
 # like TCP) and can be made half-open (every byte dropped, no FIN), or be partitioned.
 #
@@ -142,7 +142,7 @@ class _Timer:
 
 @dataclass(slots=True)
 class _Limiter:
-    # One identify per 5 s per bucket (shard_id % max_concurrency), PROTOCOL.md §5.
+    # One identify per 5 s per bucket (shard_id % max_concurrency): docs/protocol.md#identify-budget
     next_free: dict[int, float] = field(default_factory=dict)
     grants: list[tuple[float, int]] = field(default_factory=list)
 
@@ -242,7 +242,7 @@ class SimClient:
             return
         self.sim.trace_add(self.name, "wake", f"{len(self._backlog)} inputs waiting")
         backlog, self._backlog = self._backlog, []
-        # Data first, timers after (DESIGN invariant 3).
+        # Data first, timers after (docs/design.md#inv-3).
         for action in backlog:
             action()
             self._flush()
@@ -600,12 +600,21 @@ class Simulation:
                 self.flush_server(server)
 
     def _deliver(self, client: SimClient, link: Link, when: float, text: str) -> None:
+        # One closure per message, the hot path of a long run: the stall check of _input
+        # is done here, and only a stalled client pays for a second one.
         def arrive() -> None:
             if link.client_gone or link.half_open:
                 return
-            client._input(lambda: client.conn.receive(text, self.now, attempt=link.attempt))
+            if self.now < client.stalled_until:
+                client._backlog.append(
+                    lambda: client.conn.receive(text, self.now, attempt=link.attempt)
+                )
+                return
+            client.conn.receive(text, self.now, attempt=link.attempt)
+            client._flush()
 
-        self.at(when, arrive)
+        self._order += 1
+        heapq.heappush(self._queue, (max(when, self.now), self._order, arrive))
 
     def _deliver_close(
         self, client: SimClient, link: Link, when: float, code: int | None, reason: str
