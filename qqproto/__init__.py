@@ -8,6 +8,15 @@ See the README for a worked example and ``state_diagram.md`` for the lifecycle.
 
 from __future__ import annotations
 
+from qqproto._api_errors import ApiError, ApiErrorKind, classify_api_error
+from qqproto._bodies import (
+    ApiRequest,
+    InteractionResult,
+    Keyboard,
+    MediaType,
+    MessageBody,
+    UploadedMedia,
+)
 from qqproto._close_codes import CLOSE_CODE_POLICY, ClosePolicy, NextStep, policy_for_close
 from qqproto._codec import (
     DEFAULT_MAX_PAYLOAD_SIZE,
@@ -54,6 +63,7 @@ from qqproto._messages import (
     parse_interaction,
     parse_message,
 )
+from qqproto._outbox import Outbox, SendConfig, SendDelivered, SendFailed, Transmit
 from qqproto._outputs import (
     AbandonRequest,
     AbortTransport,
@@ -84,26 +94,12 @@ from qqproto._outputs import (
     ZombieDetected,
 )
 from qqproto._replies import (
-    ApiError,
-    ApiErrorKind,
-    ApiRequest,
-    InteractionResult,
-    Keyboard,
-    MediaType,
-    MessageBody,
-    Outbox,
     RefusalReason,
     Replies,
     ReplyLimits,
     ReplyRefused,
     Send,
-    SendConfig,
-    SendDelivered,
-    SendFailed,
-    Transmit,
-    UploadedMedia,
     acknowledge_interaction,
-    classify_api_error,
     read_upload,
     upload_media,
 )

@@ -32,14 +32,9 @@ from qqproto._outputs import Dispatch
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from qqproto._bodies import InteractionResult, MediaType, MessageBody, UploadedMedia
     from qqproto._codec import JSONValue
-    from qqproto._replies import (
-        InteractionResult,
-        MediaType,
-        MessageBody,
-        SendDelivered,
-        UploadedMedia,
-    )
+    from qqproto._outbox import SendDelivered
 
 __all__ = [
     "MESSAGE_EVENT_TYPES",

@@ -19,15 +19,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qqproto import Dispatch, InvalidResponse, LocalProtocolError, decode_payload
-from qqproto._backoff import backoff_window
-from qqproto._messages import Interaction, Message, parse_interaction, parse_message
-from qqproto._replies import (
+from qqproto import (
     ApiError,
     ApiErrorKind,
     ApiRequest,
+    Dispatch,
     InteractionResult,
+    InvalidResponse,
     Keyboard,
+    LocalProtocolError,
     MediaType,
     MessageBody,
     Outbox,
@@ -41,12 +41,15 @@ from qqproto._replies import (
     SendFailed,
     Transmit,
     UploadedMedia,
-    _Pacer,
     acknowledge_interaction,
     classify_api_error,
+    decode_payload,
     read_upload,
     upload_media,
 )
+from qqproto._backoff import backoff_window
+from qqproto._messages import Interaction, Message, parse_interaction, parse_message
+from qqproto._outbox import _Pacer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "payloads"
 HI = MessageBody.text("hi")
