@@ -46,8 +46,8 @@ from qqproto._errors import (
     UnknownOpcode,
 )
 from qqproto._heartbeat import Health, Latency
+from qqproto._message_parsing import MESSAGE_EVENT_TYPES, parse_interaction, parse_message
 from qqproto._messages import (
-    MESSAGE_EVENT_TYPES,
     Attachment,
     Author,
     C2CMessage,
@@ -60,8 +60,6 @@ from qqproto._messages import (
     Message,
     Responder,
     Scene,
-    parse_interaction,
-    parse_message,
 )
 from qqproto._outbox import Outbox, SendConfig, SendDelivered, SendFailed, Transmit
 from qqproto._outputs import (

@@ -17,17 +17,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qqproto import Dispatch, LocalProtocolError, RemoteProtocolError, decode_payload
-from qqproto._messages import (
+from qqproto import (
     MESSAGE_EVENT_TYPES,
     C2CMessage,
     ChannelMessage,
     DirectMessage,
+    Dispatch,
     GroupMessage,
     Interaction,
     InvalidMessage,
+    LocalProtocolError,
     Message,
+    RemoteProtocolError,
     Scene,
+    decode_payload,
     parse_interaction,
     parse_message,
 )

@@ -24,11 +24,13 @@ from qqproto import (
     ApiErrorKind,
     ApiRequest,
     Dispatch,
+    Interaction,
     InteractionResult,
     InvalidResponse,
     Keyboard,
     LocalProtocolError,
     MediaType,
+    Message,
     MessageBody,
     Outbox,
     RefusalReason,
@@ -44,11 +46,12 @@ from qqproto import (
     acknowledge_interaction,
     classify_api_error,
     decode_payload,
+    parse_interaction,
+    parse_message,
     read_upload,
     upload_media,
 )
 from qqproto._backoff import backoff_window
-from qqproto._messages import Interaction, Message, parse_interaction, parse_message
 from qqproto._outbox import _Pacer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "payloads"
