@@ -115,17 +115,16 @@ from qqproto._rest import (
 )
 from qqproto._snapshot import InvalidSnapshot, SessionSnapshot
 from qqproto._states import SessionState
-from qqproto._webhook import (
+from qqproto._webhook import WebhookReceiver, derive_seed
+from qqproto._webhook_answers import (
     WEBHOOK_MAX_BODY,
     DeliveryMemory,
     WebhookOutcome,
-    WebhookReceiver,
     WebhookRejected,
     WebhookResponse,
     WebhookResult,
-    WebhookRouter,
-    derive_seed,
 )
+from qqproto._webhook_router import WebhookRouter
 
 __version__ = "0.1.0.dev0"
 """The version of the installed qqproto (also printed by ``qqproto --version``)."""

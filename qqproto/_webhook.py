@@ -41,9 +41,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
 
 import orjson
 
@@ -52,6 +50,19 @@ from qqproto._config import SessionConfig
 from qqproto._dedup import SeenIds
 from qqproto._errors import LocalProtocolError, RemoteProtocolError, UnknownOpcode
 from qqproto._outputs import DuplicateDropped, make_dispatch
+from qqproto._webhook_answers import (
+    _ACK,
+    _RETRY,
+    WEBHOOK_MAX_BODY,
+    DeliveryMemory,
+    WebhookOutcome,
+    WebhookResponse,
+    WebhookResult,
+    _check_endpoint,
+    _header_map,
+    _one,
+    _reject,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -62,32 +73,9 @@ if TYPE_CHECKING:
     )
 
     from qqproto._codec import JSONValue
-    from qqproto._outputs import Event
 
-__all__ = [
-    "ACK_BODY",
-    "RETRY_BODY",
-    "WEBHOOK_MAX_BODY",
-    "DeliveryMemory",
-    "WebhookOutcome",
-    "WebhookReceiver",
-    "WebhookRejected",
-    "WebhookResponse",
-    "WebhookResult",
-    "WebhookRouter",
-    "derive_seed",
-]
+__all__ = ["WebhookReceiver", "derive_seed"]
 
-WEBHOOK_MAX_BODY: Final = 1 << 20
-"""Largest request body accepted by default: 1 MiB (a callback is a few KB)."""
-
-ACK_BODY: Final = b'{"op":12,"d":0}'
-"""The documented acknowledgement: op 12, ``d`` 0 ("received")."""
-
-RETRY_BODY: Final = b'{"op":12,"d":1}'
-"""op 12 with ``d`` 1: "failed, send it again"."""
-
-_JSON: Final = ((b"content-type", b"application/json"),)
 _SIG_LEN: Final = 64
 _SEED_LEN: Final = 32
 # The platform's token is 20 characters and its event_ts 10 digits; the bounds leave room
@@ -95,84 +83,6 @@ _SEED_LEN: Final = 32
 _TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TS_RE: Final = re.compile(r"[0-9]{1,20}")
 _HEX: Final = frozenset(b"0123456789abcdefABCDEF")
-
-
-class DeliveryMemory(Protocol):
-    """What a receiver needs of its dedup memory; :class:`~qqproto.SeenIds` is one."""
-
-    def check_and_add(self, key: str, now: float) -> bool:
-        """Return True if ``key`` was seen recently; otherwise remember it (at ``now``)."""
-        ...
-
-
-class WebhookOutcome(Enum):
-    """What a receiver made of one request (a stable tag for metrics and logs)."""
-
-    DELIVERED = "delivered"
-    """A verified, new dispatch: acknowledged, and its event is to be delivered."""
-    DUPLICATE = "duplicate"
-    """A verified dispatch delivered before (a platform retry): acknowledged, not delivered."""
-    VALIDATED = "validated"
-    """The console's op 13 callback validation, answered."""
-    HEARTBEAT = "heartbeat"
-    """A signed op 1, answered with op 11 (only old platform modes send it)."""
-    IGNORED = "ignored"
-    """A verified payload that carries no event (another or an unknown opcode): acknowledged."""
-    QUEUE_FULL = "queue_full"
-    """A verified, new dispatch with no room in the application's queue: 503, retry later."""
-    REJECTED = "rejected"
-    """Refused with a 4xx; :attr:`WebhookResult.error` says why."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WebhookResponse:
-    """The HTTP answer to send: ``status``, ``headers`` (lower-case names) and ``body``.
-
-    ``Content-Length`` is not included; the server frames the body.
-    """
-
-    status: int
-    headers: tuple[tuple[bytes, bytes], ...] = _JSON
-    body: bytes = b""
-
-
-class WebhookRejected(RemoteProtocolError):
-    """A webhook request the receiver refused; it maps to one HTTP status.
-
-    Never raised out of :meth:`WebhookReceiver.receive`: it is returned in
-    :attr:`WebhookResult.error`. Its text never holds a secret or the body.
-
-    Attributes:
-        status: the HTTP status answered (400, 401, 403, 404, 405, 413).
-        reason: a short stable tag (``"bad_signature"``, ``"too_large"``, ...).
-    """
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        self.status = status
-        self.reason = reason
-        super().__init__(message)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WebhookResult:
-    """What to answer one request with and what, once answered, to deliver.
-
-    Attributes:
-        response: send this to the platform first.
-        outcome: what the request was.
-        events: then deliver these to the application (a :class:`~qqproto.Dispatch`, or a
-            :class:`~qqproto.DuplicateDropped` for a retry), in order.
-        app_id: the bot the request was for, when known.
-        event_id: the envelope ``id``, when there was one.
-        error: why the request was refused (``outcome`` REJECTED), else ``None``.
-    """
-
-    response: WebhookResponse
-    outcome: WebhookOutcome
-    events: tuple[Event, ...] = ()
-    app_id: str | None = None
-    event_id: str | None = None
-    error: WebhookRejected | None = field(default=None, repr=False)
 
 
 def derive_seed(secret: str | bytes) -> bytes:
@@ -200,64 +110,6 @@ def _private_key(secret: str | bytes) -> Ed25519PrivateKey:
         ) from None
 
     return Ed25519PrivateKey.from_private_bytes(derive_seed(secret))
-
-
-def _reject(status: int, reason: str, message: str, app_id: str | None = None) -> WebhookResult:
-    error = WebhookRejected(status, reason, message)
-    body = orjson.dumps({"error": reason})
-    headers = (*_JSON, (b"allow", b"POST")) if status == 405 else _JSON
-    return WebhookResult(
-        response=WebhookResponse(status=status, headers=headers, body=body),
-        outcome=WebhookOutcome.REJECTED,
-        app_id=app_id,
-        error=error,
-    )
-
-
-def _text(value: bytes | str) -> str:
-    # Header bytes are Latin-1 on the wire (h11 and ASGI hand them over undecoded); decoding
-    # that way never fails, and anything non-ASCII then fails the format checks.
-    return value.decode("latin-1") if isinstance(value, bytes) else value
-
-
-def _header_map(headers: Iterable[tuple[bytes | str, bytes | str]]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for name, value in headers:
-        out.setdefault(_text(name).lower(), []).append(_text(value))
-    return out
-
-
-def _one(headers: Mapping[str, list[str]], name: str) -> str | None:
-    """The header's value, ``None`` when absent; ``""`` when repeated (never valid)."""
-    values = headers.get(name)
-    if values is None:
-        return None
-    return values[0].strip() if len(values) == 1 else ""
-
-
-def _path_only(target: bytes | str) -> str:
-    return _text(target).split("?", 1)[0]
-
-
-def _check_endpoint(
-    method: bytes | str,
-    path: bytes | str,
-    content_length: int | None,
-    served: str | None,
-    max_body: int,
-) -> WebhookResult | None:
-    """What a request line and its declared size alone refuse, before any bot is named."""
-    if _text(method).upper() != "POST":
-        return _reject(405, "method_not_allowed", "only POST is served")
-    if served is not None and _path_only(path) != served:
-        return _reject(404, "not_found", "not the callback path")
-    if content_length is not None and content_length > max_body:
-        return _reject(413, "too_large", f"body over {max_body} bytes")
-    return None
-
-
-_ACK: Final = WebhookResponse(status=200, body=ACK_BODY)
-_RETRY: Final = WebhookResponse(status=503, body=RETRY_BODY)
 
 
 class WebhookReceiver:
@@ -565,116 +417,4 @@ class WebhookReceiver:
             events=(make_dispatch(t, s, event_id, d),),
             app_id=app_id,
             event_id=event_id,
-        )
-
-
-class WebhookRouter:
-    """Several bots on one URL: each request goes to the receiver its ``X-Bot-Appid`` names.
-
-    Same interface as :class:`WebhookReceiver`. A request naming no bot, or one not served
-    here, is refused with 403 before its body is read.
-
-    Args:
-        receivers: one receiver per bot (their app ids must differ).
-        path: the callback path to serve, or ``None`` for any path.
-        max_body: largest body accepted, checked before routing.
-    """
-
-    __slots__ = ("_max_body", "_receivers", "counts", "path")
-
-    def __init__(
-        self,
-        receivers: Iterable[WebhookReceiver],
-        *,
-        path: str | None = None,
-        max_body: int = WEBHOOK_MAX_BODY,
-    ) -> None:
-        self._receivers: dict[str, WebhookReceiver] = {}
-        for receiver in receivers:
-            if receiver.app_id in self._receivers:
-                raise LocalProtocolError(f"two receivers for app id {receiver.app_id!r}")
-            self._receivers[receiver.app_id] = receiver
-        if not self._receivers:
-            raise LocalProtocolError("a router needs at least one receiver")
-        self.path = path
-        """The served path, or ``None`` for any."""
-        self._max_body = max_body
-        self.counts: dict[str, int] = {}
-        """Requests refused before reaching a receiver, by reason."""
-
-    def __repr__(self) -> str:
-        return f"WebhookRouter(app_ids={sorted(self._receivers)!r}, path={self.path!r})"
-
-    @property
-    def max_body(self) -> int:
-        """Largest body accepted before routing, in bytes."""
-        return self._max_body
-
-    @property
-    def receivers(self) -> Mapping[str, WebhookReceiver]:
-        """The receivers by app id."""
-        return self._receivers
-
-    def _route(
-        self,
-        method: bytes | str,
-        path: bytes | str,
-        hmap: Mapping[str, list[str]],
-        content_length: int | None,
-    ) -> WebhookReceiver | WebhookResult:
-        refused = _check_endpoint(method, path, content_length, self.path, self._max_body)
-        if refused is not None:
-            result = refused
-        else:
-            app_id = _one(hmap, "x-bot-appid")
-            receiver = self._receivers.get(app_id) if app_id else None
-            if receiver is not None:
-                return receiver
-            reason = "missing_app_id" if app_id is None else "unknown_app_id"
-            result = _reject(403, reason, "X-Bot-Appid names no bot served here")
-        reason = result.error.reason if result.error is not None else "rejected"
-        self.counts[reason] = self.counts.get(reason, 0) + 1
-        return result
-
-    def precheck(
-        self,
-        *,
-        method: bytes | str,
-        path: bytes | str,
-        headers: Iterable[tuple[bytes | str, bytes | str]],
-        content_length: int | None,
-    ) -> WebhookResult | None:
-        """As :meth:`WebhookReceiver.precheck`, routed by ``X-Bot-Appid``."""
-        pairs = list(headers)
-        routed = self._route(method, path, _header_map(pairs), content_length)
-        if isinstance(routed, WebhookResult):
-            return routed
-        return routed.precheck(
-            method=method, path=path, headers=pairs, content_length=content_length
-        )
-
-    def receive(
-        self,
-        *,
-        method: bytes | str,
-        path: bytes | str,
-        headers: Iterable[tuple[bytes | str, bytes | str]],
-        body: bytes,
-        now: float,
-        wall_time: float | None = None,
-        room: bool = True,
-    ) -> WebhookResult:
-        """As :meth:`WebhookReceiver.receive`, routed by ``X-Bot-Appid``."""
-        pairs = list(headers)
-        routed = self._route(method, path, _header_map(pairs), len(body))
-        if isinstance(routed, WebhookResult):
-            return routed
-        return routed.receive(
-            method=method,
-            path=path,
-            headers=pairs,
-            body=body,
-            now=now,
-            wall_time=wall_time,
-            room=room,
         )

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio
 
-from qqproto._webhook import WebhookResponse
+from qqproto._webhook_answers import WebhookResponse
 from qqproto_io._webhook import content_length
 
 if TYPE_CHECKING:

@@ -38,7 +38,7 @@ import h11
 from anyio.abc import SocketAttribute
 
 from qqproto._outputs import DuplicateDropped, Event
-from qqproto._webhook import WebhookOutcome, WebhookResponse, WebhookResult
+from qqproto._webhook_answers import WebhookOutcome, WebhookResponse, WebhookResult
 from qqproto_io._http_server import next_http_event, response_bytes
 
 if TYPE_CHECKING:
@@ -47,7 +47,8 @@ if TYPE_CHECKING:
 
     from anyio.abc import SocketStream, TaskGroup
 
-    from qqproto._webhook import WebhookReceiver, WebhookRouter
+    from qqproto._webhook import WebhookReceiver
+    from qqproto._webhook_router import WebhookRouter
 
 __all__ = ["DeliveryClaims", "WebhookInbox", "WebhookServer"]
 

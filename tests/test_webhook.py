@@ -8,11 +8,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qqproto import Dispatch, DuplicateDropped, LocalProtocolError
-from qqproto._dedup import SeenIds
-from qqproto._webhook import (
-    ACK_BODY,
-    RETRY_BODY,
+from qqproto import (
+    Dispatch,
+    DuplicateDropped,
+    LocalProtocolError,
     WebhookOutcome,
     WebhookReceiver,
     WebhookRejected,
@@ -20,6 +19,8 @@ from qqproto._webhook import (
     WebhookRouter,
     derive_seed,
 )
+from qqproto._dedup import SeenIds
+from qqproto._webhook_answers import ACK_BODY, RETRY_BODY
 from qqproto.testing._fake_webhook import SignedRequest, WebhookSigner, is_ack
 
 APP = "102000001"

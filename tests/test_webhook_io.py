@@ -14,8 +14,8 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from qqproto import Dispatch, DuplicateDropped
-from qqproto._webhook import ACK_BODY, RETRY_BODY, WebhookReceiver, WebhookRouter
+from qqproto import Dispatch, DuplicateDropped, WebhookReceiver, WebhookRouter
+from qqproto._webhook_answers import ACK_BODY, RETRY_BODY
 from qqproto.testing._fake_webhook import SignedRequest, WebhookRetryPolicy, WebhookSigner
 from qqproto_io._asgi import WebhookApp
 from qqproto_io._fake_webhook import FakeWebhookPoster
