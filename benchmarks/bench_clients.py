@@ -9,6 +9,7 @@ Modes:
     bare      anyio + wsproto + json.loads; no protocol logic (the baseline)
     websockets  the same bare loop on the `websockets` library (an anchor)
     qqproto   qqproto_io.GatewayClient, iterating events and counting Dispatch
+    shards    one GatewayClient running ``--shards`` shards, ``--count`` dispatches each
     botpy     the official SDK (qq-botpy), its base URLs patched here at run time
     bytes     a raw socket counting bytes (shows the server is not the bottleneck)
     idle      GatewayClient connected and idle; CPU and event-loop wake-ups per beat
@@ -184,7 +185,7 @@ def run_bytes(port: int, count: int) -> dict[str, object]:
 # ---------------------------------------------------------------------------- qqproto
 
 
-def _gateway_client(port: int, **config: Any) -> Any:
+def _gateway_client(port: int, client: dict[str, Any] | None = None, **config: Any) -> Any:
     from qqproto import Intents, SessionConfig
     from qqproto_io import GatewayClient
 
@@ -197,6 +198,7 @@ def _gateway_client(port: int, **config: Any) -> Any:
         api_base=base,
         token_url=base + "/app/getAppAccessToken",
         proxy=None,
+        **(client or {}),
     )
 
 
@@ -211,6 +213,30 @@ async def run_qqproto(port: int, count: int) -> dict[str, object]:
                 break
         dropped = client.dropped_events
     return meter.result(dropped=dropped)
+
+
+async def run_shards(port: int, shards: int, count: int) -> dict[str, object]:
+    """``shards`` shards in one client; the window spans every shard's dispatches."""
+    from qqproto import Dispatch
+    from qqproto_io._stores import LocalIdentifyLimiter
+
+    meter = Meter(shards * count)
+    # No 5 s identify spacing: the server holds the dispatches until every shard is READY,
+    # so the spacing would only make the run longer. The queue holds every dispatch: at full
+    # blast, 100 shard tasks each queue a whole read per turn of the loop, the one reader
+    # takes 64 events per turn, and the default bound (10,000) drops events.
+    options = {
+        "shards": str(shards),
+        "limiter": LocalIdentifyLimiter(window=0.0),
+        "max_queued_events": shards * count + 1_000,
+    }
+    client = _gateway_client(port, options)
+    async with client:
+        async for event in client:
+            if type(event) is Dispatch and meter.tick():
+                break
+        dropped = client.dropped_events
+    return meter.result(dropped=dropped, shards=len(client.shard_ids))
 
 
 class CountingLoop(asyncio.SelectorEventLoop):
@@ -336,10 +362,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "mode",
-        choices=("bare", "websockets", "qqproto", "botpy", "bytes", "idle", "botpy-idle"),
+        choices=(
+            "bare",
+            "websockets",
+            "qqproto",
+            "shards",
+            "botpy",
+            "bytes",
+            "idle",
+            "botpy-idle",
+        ),
     )
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--count", type=int, default=50_000)
+    parser.add_argument("--shards", type=int, default=1, help="shards: how many")
     parser.add_argument("--seconds", type=float, default=60.0, help="idle: the window")
     parser.add_argument("--profile", help="qqproto: write cProfile stats to this file")
     args = parser.parse_args(argv)
@@ -366,6 +402,20 @@ def main(argv: list[str] | None = None) -> int:
             profiler.dump_stats(args.profile)
         else:
             result = anyio.run(run_qqproto, args.port, args.count)
+        emit(result)
+    elif args.mode == "shards":
+        import anyio
+
+        if args.profile:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+            result = anyio.run(run_shards, args.port, args.shards, args.count)
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+        else:
+            result = anyio.run(run_shards, args.port, args.shards, args.count)
         emit(result)
     elif args.mode == "idle":
         import anyio

@@ -6,10 +6,12 @@ upgrade on ``/websocket``. On the WebSocket it sends Hello, answers Identify wit
 Resume with RESUMED), ACKs every heartbeat and echoes a close frame. After READY it sends
 ``--count`` pre-encoded dispatch frames as fast as the client reads them (``sendall`` blocks
 while the client's receive window is full), so the server costs almost no CPU per frame.
+With ``--start-after N`` the dispatches wait until N sessions are READY, and then go to all
+of them at once (the shards figure: every shard's handshake is over before the window).
 
 It is not a gateway and checks nothing: the tests use ``qqproto_io.FakeGatewayServer``.
 
-    python benchmarks/bench_server.py --count 50000 --interval-ms 41250
+    python benchmarks/bench_server.py --count 50000 --interval-ms 41250 [--start-after 100]
 
 prints ``PORT <n>`` on stdout once it listens, and exits when its standard input closes.
 """
@@ -190,8 +192,12 @@ def _json_response(obj: object, status: str = "200 OK") -> bytes:
 class BenchServer:
     """Serves every accepted connection on its own thread (see the module docstring)."""
 
-    def __init__(self, *, count: int, interval_ms: int) -> None:
+    def __init__(self, *, count: int, interval_ms: int, start_after: int = 1) -> None:
         self.interval_ms = interval_ms
+        self.start_after = start_after
+        self.ready_sessions = 0
+        self.all_ready = threading.Event()
+        self.ready_lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self.listener.getsockname()[1]
         # Pre-encoded once: every client gets the very same bytes, in chunks that end on frame
@@ -291,21 +297,27 @@ class BenchServer:
                 send({"op": 11})
             elif op == 2:
                 user = {"id": APP_ID, "username": "bench-bot", "bot": True}
+                identify = json.loads(data).get("d") or {}
                 d = {
                     "version": 1,
                     "session_id": SESSION_ID,
                     "user": user,
-                    "shard": [0, 1],
+                    "shard": identify.get("shard") or [0, 1],
                     "bench_total_bytes": self.total,
                     "bench_count": self.count,
                 }
                 send({"op": 0, "s": 1, "t": "READY", "d": d})
+                with self.ready_lock:
+                    self.ready_sessions += 1
+                    if self.ready_sessions >= self.start_after:
+                        self.all_ready.set()
                 if self.chunks:
                     threading.Thread(target=self._blast, args=(sock, lock), daemon=True).start()
             elif op == 6:
                 send({"op": 0, "s": 1, "t": "RESUMED", "d": ""})
 
     def _blast(self, sock: socket.socket, lock: threading.Lock) -> None:
+        self.all_ready.wait()
         try:
             for chunk in self.chunks:
                 with lock:
@@ -318,8 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=0, help="dispatches sent after READY")
     parser.add_argument("--interval-ms", type=int, default=41_250, help="Hello's interval")
+    parser.add_argument(
+        "--start-after", type=int, default=1, help="hold the dispatches until N sessions are READY"
+    )
     args = parser.parse_args(argv)
-    server = BenchServer(count=args.count, interval_ms=args.interval_ms)
+    server = BenchServer(
+        count=args.count, interval_ms=args.interval_ms, start_after=args.start_after
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     print(f"PORT {server.port}", flush=True)
     sys.stdin.read()  # until the parent closes our stdin (or dies)

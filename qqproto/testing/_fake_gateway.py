@@ -667,21 +667,31 @@ class ServerConnection:
         """The next time :meth:`handle_timer` has work, or ``None``."""
         if self.closed:
             return None
-        times = []
-        cfg = self.gateway.config
-        if cfg.heartbeat_timeout is not None:
-            times.append(self.last_beat_at + cfg.heartbeat_timeout)
+        # Asked after every message the connection handles: no list, no min() call.
+        timeout = self.gateway.config.heartbeat_timeout
+        at = None if timeout is None else self.last_beat_at + timeout
         if self.reconnect_sent_at is not None:
-            times.append(self.reconnect_sent_at + 1.0)
-        if self.rotation_at is not None:
-            times.append(self.rotation_at)
-        return min(times) if times else None
+            sent = self.reconnect_sent_at + 1.0
+            at = sent if at is None or sent < at else at
+        rotation = self.rotation_at
+        if rotation is not None:
+            at = rotation if at is None or rotation < at else at
+        return at
 
     def take_outputs(self) -> list[ServerOutput]:
         """Return and forget what this connection produced."""
         out = self.outputs
         self.outputs = []
         return out
+
+
+def _envelope_parts(t: str, d: JSONValue, event_id: str | None) -> tuple[str, str]:
+    """The text of a dispatch envelope before and after its ``s``."""
+    dumps = orjson.dumps
+    tail = b',"t":' + dumps(t) + b',"d":' + dumps(d)
+    if event_id is not None:
+        tail += b',"id":' + dumps(event_id)
+    return '{"op":0,"s":', (tail + b"}").decode()
 
 
 class FakeGateway:
@@ -1076,6 +1086,11 @@ class FakeGateway:
         if self.webhook_sink is not None:
             self.webhook_sink(t, d, event_id)
         seqs: list[int] = []
+        # The envelope's parts are encoded once per event, not once per session; joined
+        # around each session's seq they are the very bytes orjson.dumps gives the envelope
+        # {"op", "s", "t", "d", "id"} (a test pins the equality).
+        head = tail = ""
+        replay_buffer = self.config.replay_buffer
         for session in list(self.sessions.values()):
             if session.invalid or not self.resumable(session, now):
                 # Expired sessions are forgotten, as the real gateway must: memory stays bounded.
@@ -1084,13 +1099,12 @@ class FakeGateway:
                 continue
             if session.shard[0] != shard:
                 continue
+            if not head:
+                head, tail = _envelope_parts(t, d, event_id)
             session.seq += 1
-            envelope: dict[str, JSONValue] = {"op": 0, "s": session.seq, "t": t, "d": d}
-            if event_id is not None:
-                envelope["id"] = event_id
-            text = orjson.dumps(envelope).decode()
+            text = f"{head}{session.seq}{tail}"
             session.buffer.append((session.seq, text))
-            if len(session.buffer) > self.config.replay_buffer:
+            if len(session.buffer) > replay_buffer:
                 session.buffer.popleft()
             if session.connection is not None:
                 session.connection.send_dispatch(text)
@@ -1112,8 +1126,9 @@ class FakeGateway:
         else:
             target = d.get({"group": "group_openid", "guild": "channel_id"}.get(kind, "guild_id"))
         anchors = self._anchors
+        if msg_id in anchors:  # a new key is already the newest
+            anchors.move_to_end(msg_id)
         anchors[msg_id] = _Anchor(kind, target if isinstance(target, str) else None, now)
-        anchors.move_to_end(msg_id)
         while len(anchors) > _ANCHORS_KEPT:
             anchors.popitem(last=False)
 
