@@ -1,42 +1,37 @@
-# The inner half of the connection: its state, how it changes state, and what entering each
-# state does. `GatewayConnection` (`_connection.py`) adds the verbs on top; the payload
-# handlers (`_payloads.py`) sit between the two.
+# The machinery every layer of the connection shares: its state, how it changes state, and
+# how a bug escaping a verb turns into the ERROR state.
 #
 # Lifecycle changes go through the pytransitions Machine declared in `_states.py` (one for
-# all connections; each connection's `_Model` carries its own state). The connection decides
-# which trigger an input means, records *why* (the `Exit` of a connection: its close policy,
-# code and reason), fires the trigger, and then runs the entry action of the state it landed
-# in. The consequences of a disconnect are decided in one place (`_reconnect.Reconnects`),
-# when the connection is really gone (BACKOFF or STOPPED), and carried out here.
-"""The connection's state, its triggers and its entry actions."""
+# all connections; each connection's `_Model` carries its own state). A layer decides which
+# trigger an input means, records *why* (the `Exit` of a connection: its close policy, code
+# and reason), and fires the trigger here; `_fire` then runs the entry action of the state
+# it landed in. The entry actions and the deadlines live with their phase, and
+# `GatewayConnection` wires them into the two tables below:
+#
+#   _preparing.py  PREPARING: gather a token, the gateway URL and an identify permit
+#   _handshake.py  CONNECTING to READY: open, wait for Hello, Identify or Resume
+#   _teardown.py   ZOMBIE, CLOSING, BACKOFF, STOPPED: close, settle the disconnect, retry
+"""The connection's state, its triggers and the fail-fast guard of its verbs."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+import functools
+from typing import TYPE_CHECKING, Concatenate, Literal, ParamSpec, TypeVar
 
 from qqproto._checks import MAX_TIME, is_number
-from qqproto._close_codes import APPLICATION_CLOSE, DEADLINE, ClosePolicy, NextStep
-from qqproto._codec import Opcode, encode_heartbeat, encode_identify, encode_resume
+from qqproto._close_codes import ClosePolicy, NextStep
+from qqproto._codec import Opcode, encode_heartbeat
 from qqproto._config import SessionConfig
 from qqproto._delivery import Dedup, Session
-from qqproto._errors import LocalProtocolError, RemoteProtocolError
+from qqproto._errors import LocalProtocolError, QQProtoError, RemoteProtocolError
 from qqproto._liveness import Liveness
 from qqproto._outputs import (
     AbandonRequest,
     AbortTransport,
-    CloseConnection,
-    Disconnected,
-    FatalStop,
-    FetchGateway,
-    FetchToken,
-    OpenConnection,
     Output,
     PersistSnapshot,
     ProtocolViolation,
-    ReconnectScheduled,
-    RequestIdentifyPermit,
     SendPayload,
-    SessionInvalidated,
     StateChanged,
 )
 from qqproto._reconnect import Exit, Reconnects
@@ -51,9 +46,40 @@ if TYPE_CHECKING:
 
     from qqproto._heartbeat import Keepalive
 
-__all__ = ["Lifecycle"]
+__all__ = ["Lifecycle", "api"]
 
 _S = SessionState
+_L = TypeVar("_L", bound="Lifecycle")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def api(method: Callable[Concatenate[_L, _P], _R]) -> Callable[Concatenate[_L, _P], _R]:
+    """Fail fast after an internal error; turn an escaping bug into the ERROR state."""
+
+    @functools.wraps(method)
+    def wrapper(self: _L, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if self._broken is not None:
+            raise LocalProtocolError(
+                "the connection is unusable after an internal error"
+            ) from self._broken
+        try:
+            return method(self, *args, **kwargs)
+        except QQProtoError:
+            raise
+        except TypeError as exc:
+            tb = exc.__traceback__
+            if tb is not None and tb.tb_next is None:
+                # Raised by the call itself (a missing or unknown argument), before the
+                # method ran: a misuse, and nothing changed.
+                raise LocalProtocolError(str(exc)) from None
+            self._break(exc)
+            raise
+        except Exception as exc:
+            self._break(exc)
+            raise
+
+    return wrapper
 
 
 class _Model:
@@ -75,6 +101,11 @@ class _Model:
 
 class Lifecycle:
     """The state of one connection and the transitions between its lifecycle states."""
+
+    # What entering a state does, and what a due phase deadline means (by the deadline its
+    # state runs under). Set by GatewayConnection, the one class that has every phase.
+    _entry: dict[SessionState, Callable[[float], None]]
+    _on_due: dict[Deadline, Callable[[], None]]
 
     def __init__(
         self, config: SessionConfig | None, rng: random.Random, snapshot: SessionSnapshot | None
@@ -119,210 +150,6 @@ class Lifecycle:
         self._model = _Model(self)
         self._model.state = _S.IDLE
         self._machine = shared_machine()
-        self._entry: dict[SessionState, Callable[[float], None]] = {
-            _S.PREPARING: self._enter_preparing,
-            _S.CONNECTING: self._enter_connecting,
-            _S.AWAITING_HELLO: self._enter_awaiting_hello,
-            _S.IDENTIFYING: self._enter_identifying,
-            _S.RESUMING: self._enter_resuming,
-            _S.READY: self._enter_ready,
-            _S.ZOMBIE: self._enter_closing,
-            _S.CLOSING: self._enter_closing,
-            _S.BACKOFF: self._enter_backoff,
-            _S.STOPPED: self._enter_stopped,
-        }
-        # What a due phase deadline means, by the deadline its state runs under.
-        self._on_due: dict[Deadline, Callable[[], None]] = {
-            Deadline.REQUEST: self._request_overdue,
-            Deadline.CONNECT: self._connect_overdue,
-            Deadline.HELLO: self._answer_overdue,
-            Deadline.AUTH: self._answer_overdue,
-            Deadline.CLOSE: self._close_overdue,
-            Deadline.BACKOFF: self._backoff_elapsed,
-        }
-
-    # ------------------------------------------------------------------ entry actions
-
-    def _enter_preparing(self, now: float) -> None:
-        live = self._liveness
-        if live.planned_until is not None:
-            live.planned_until = None
-            live.budget_from = now
-        self._token.fresh = False
-        self._budget.permit = False
-        self._awaiting = None
-        self._exit = None
-        self._advance_preparing(now)
-
-    def _advance_preparing(self, now: float) -> None:
-        cfg = self._config
-        token = self._token
-        if token.needs_fetch(now, cfg.token_refresh_margin):
-            self._await("token", now, FetchToken(force=token.force))
-            return
-        if self._gateway_url is None:
-            self._await("gateway", now, FetchGateway(token=token.require()))
-            return
-        budget = self._budget
-        if self._session is None and not budget.permit:
-            exhausted = budget.exhausted(now)
-            if exhausted is not None:
-                self._gateway_url = None  # /gateway/bot tells the limit again
-                self._exit = exhausted
-                self._fire("prepare_failed", exhausted.reason)
-                return
-            permit = RequestIdentifyPermit(
-                shard_id=cfg.shard[0], max_concurrency=budget.max_concurrency
-            )
-            self._await("permit", None, permit)
-            return
-        self._deadline = None
-        self._fire("prepared", "token, gateway URL and permit ready")
-
-    def _await(
-        self,
-        what: Literal["token", "gateway", "permit"],
-        now: float | None,
-        command: FetchToken | FetchGateway | RequestIdentifyPermit,
-    ) -> None:
-        # The permit wait has no core deadline: a fleet may queue for minutes, and the
-        # socket is not open yet. The limiter is responsible for progress.
-        self._awaiting = what
-        self._deadline = None if now is None else now + self._config.http_timeout
-        self._emit(command)
-
-    def _enter_connecting(self, now: float) -> None:
-        url = self._gateway_url
-        if url is None:
-            raise RuntimeError("CONNECTING without a gateway URL")
-        self._had_transport = True
-        self._deadline = now + self._config.connect_timeout
-        self._attempts += 1
-        self._live_attempt = self._attempts
-        self._emit(OpenConnection(url=url, attempt=self._attempts))
-
-    def _enter_awaiting_hello(self, now: float) -> None:
-        self._opened_at = now
-        self._deadline = now + self._config.hello_timeout
-
-    def _enter_identifying(self, now: float) -> None:
-        cfg = self._config
-        self._session = None
-        self._sent_resume = False
-        self._budget.spend()
-        text = encode_identify(
-            self._token.require(),
-            intents=int(cfg.intents),
-            shard=cfg.shard,
-            properties=cfg.properties,
-        )
-        self._emit(SendPayload(op=Opcode.IDENTIFY, text=text))
-        self._deadline = now + cfg.auth_timeout
-
-    def _enter_resuming(self, now: float) -> None:
-        session = self._session
-        if session is None:
-            raise RuntimeError("RESUMING without a session")
-        self._sent_resume = True
-        self._replayed = 0
-        text = encode_resume(self._token.require(), session_id=session.id, seq=session.seq)
-        self._emit(SendPayload(op=Opcode.RESUME, text=text))
-        self._deadline = now + self._config.auth_timeout
-
-    def _enter_ready(self, now: float) -> None:
-        self._deadline = None
-        self._up_since = now
-        self._liveness.live_at = now
-
-    def _enter_closing(self, now: float) -> None:
-        # ZOMBIE and CLOSING: the keepalive dies with the connection; no beat can follow.
-        ex = self._exit
-        if ex is None:
-            raise RuntimeError("closing without a recorded reason")
-        self._ka = None
-        code = ex.code if ex.code is not None else self._config.keep_session_close_code
-        self._emit(CloseConnection(code=code, reason=ex.policy.meaning))
-        self._deadline = now + self._config.close_timeout
-
-    def _enter_backoff(self, now: float) -> None:
-        ex = self._exit
-        if ex is None:
-            raise RuntimeError("BACKOFF without a recorded reason")
-        # The Disconnected goes before what settling it causes (SessionInvalidated, a storm).
-        mark = len(self._outputs)
-        step, delay, failures = self._settle(ex, now)
-        at = now + delay
-        self._deadline = at
-        if ex.delay is not None:
-            self._liveness.planned_until = at
-        self._disconnected(mark, ex, step, at)
-        scheduled = ReconnectScheduled(
-            delay=delay, reconnect_at=at, failures=failures, reason=ex.reason
-        )
-        self._emit(scheduled)
-
-    def _enter_stopped(self, now: float) -> None:
-        ex = self._exit
-        if ex is None:
-            raise RuntimeError("STOPPED without a recorded reason")
-        mark = len(self._outputs)
-        self._settle(ex, now)
-        self._deadline = None
-        self._disconnected(mark, ex, NextStep.STOP, None)
-        if ex.policy is APPLICATION_CLOSE and not self._end_session:
-            self._persist(now)  # keep the session for a restart to Resume
-            return
-        if self._session is not None:
-            self._session = None
-            self._persist(now)
-        if ex.policy is not APPLICATION_CLOSE:
-            self._emit(FatalStop(code=ex.code, reason=ex.policy.meaning, hint=ex.policy.hint))
-
-    def _disconnected(self, mark: int, ex: Exit, step: NextStep, at: float | None) -> None:
-        if self._had_transport:
-            self._had_transport = False
-            event = Disconnected(
-                code=ex.code,
-                reason=ex.reason,
-                by_server=ex.by_server,
-                next_step=step,
-                reconnect_at=at,
-            )
-            self._outputs.insert(mark, event)
-
-    def _settle(self, ex: Exit, now: float) -> tuple[NextStep, float, int]:
-        """Carry out the reconnect policy's verdict on the connection that just ended."""
-        self._ka = None
-        verdict = self._reconnects.settle(
-            ex,
-            now,
-            had_transport=self._had_transport,
-            opened_at=self._opened_at,
-            up_since=self._up_since,
-            alive_at=self._alive_at,
-            sent_resume=self._sent_resume,
-            has_session=self._session is not None,
-        )
-        self._opened_at = self._up_since = self._alive_at = None
-        self._sent_resume = False
-        if verdict.storm is not None:
-            self._emit(verdict.storm)
-        if ex.policy.refresh_token:
-            self._token.force = True
-        if verdict.drop is not None:
-            self._drop_session(verdict.drop, now)
-        return verdict.step, verdict.delay, verdict.failures
-
-    def _drop_session(self, reason: str, now: float) -> None:
-        session = self._session
-        if session is None:
-            return
-        self._session = None
-        self._reconnects.failed_resumes = 0  # the resume budget belongs to the session
-        self._emit(SessionInvalidated(session_id=session.id, last_seq=session.seq, reason=reason))
-        self._persist(now)
-
-    # ---------------------------------------------------------------------- deadlines
 
     def _on_deadline(self) -> None:
         state = self._model.state
@@ -330,37 +157,6 @@ class Lifecycle:
         if due is None:
             raise RuntimeError(f"deadline set in state {state.name}, which has none")
         due()
-
-    def _backoff_elapsed(self) -> None:
-        self._fire("timer_expired", "backoff elapsed")
-
-    def _close_overdue(self) -> None:
-        reason = f"close handshake did not complete within {self._config.close_timeout:g} s"
-        self._abort(reason)
-        self._fire("timer_expired", reason)
-
-    def _request_overdue(self) -> None:
-        reason = f"{self._awaiting} request took longer than {self._config.http_timeout:g} s"
-        self._exit = Exit(DEADLINE, None, reason, by_server=False)
-        self._fire("timer_expired", reason)
-
-    def _connect_overdue(self) -> None:
-        reason = f"connection not open within {self._config.connect_timeout:g} s"
-        self._exit = Exit(DEADLINE, None, reason, by_server=False)
-        self._gateway_url = None  # as for a failed connect: ask for the URL again
-        self._abort(reason)
-        self._fire("timer_expired", reason)
-
-    def _answer_overdue(self) -> None:
-        cfg = self._config
-        state = self._model.state
-        if state is _S.AWAITING_HELLO:
-            reason = f"no Hello within {cfg.hello_timeout:g} s"
-        else:
-            answer = "RESUMED" if state is _S.RESUMING else "READY"
-            reason = f"no {answer} within {cfg.auth_timeout:g} s"
-        self._exit = Exit(DEADLINE, cfg.keep_session_close_code, reason, by_server=False)
-        self._fire("timer_expired", reason)
 
     # ----------------------------------------------------------------------- helpers
 

@@ -14,9 +14,11 @@
 # the session); ERROR is terminal by accident (an internal exception escaped) and every later
 # call fails fast.
 #
-# This module is data only. The connection (`_connection.py`) decides *which* trigger an
-# input means and does the work of entering a state; pytransitions checks that the trigger is
-# allowed from the current state and picks the destination, evaluating the guards named here.
+# This module is data only. The connection (`_connection.py` and the phase layers it is
+# built from: `_lifecycle`, `_preparing`, `_handshake`, `_payloads`, `_teardown`) decides
+# *which* trigger an input means and does the work of entering a state; pytransitions
+# checks that the trigger is allowed from the current state and picks the destination,
+# evaluating the guards named here.
 # The state diagram (`state_diagram.md`, made by `_diagram.py`) and the totality test read the
 # very Machine that `shared_machine` returns, so the picture cannot drift from the code.
 #
@@ -143,8 +145,9 @@ GUARDS: dict[str, str] = {
 
 _S = SessionState
 
-# The groups of states, declared once: the transitions below, the connection's gating
-# (`_connection.py` and its policy modules) and the diagram's boxes are all made from them.
+# The groups of states, declared once: the transitions below, the connection's gating (the
+# connection, its phase layers and its policy modules) and the diagram's boxes are all made
+# from them.
 # A new state must join exactly one group of each partition (tests/test_lifecycle_groups.py).
 #
 # What the state says about the transport: a partition of every state.

@@ -13,6 +13,7 @@ exhaustively (cheap) and, with Hypothesis, as random sequences of inputs from ev
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import random
@@ -657,7 +658,7 @@ def test_inputs_cover_every_public_verb() -> None:
     }
     public = {
         name
-        for name, value in vars(GatewayConnection).items()
+        for name, value in inspect.getmembers(GatewayConnection)
         if not name.startswith("_") and callable(value)
     }
     assert public - {"drain", "get_timer", "snapshot", "health"} == verbs  # queries
