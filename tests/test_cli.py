@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -165,3 +166,28 @@ def test_fake_gateway_prints_lines_a_shell_can_paste():
     names = [line.split()[1].partition("=")[0] for line in exports]
     assert names == ["QQBOT_API_BASE", "QQBOT_TOKEN_URL", "QQBOT_APP_ID", "QQBOT_CLIENT_SECRET"]
     assert lines[4].startswith("#")
+
+
+def test_the_console_script_finds_the_app_in_the_current_directory(tmp_path):
+    # A console script's sys.path starts with its bin directory, not the current one: without
+    # looking there first, `qqproto run --app mybot:setup` next to mybot.py could not import it.
+    (tmp_path / "mybot.py").write_text(
+        "from pathlib import Path\n\n\n"
+        "def setup(client):\n"
+        "    Path('setup-called').write_text(type(client).__name__)\n",
+        encoding="utf-8",
+    )
+    script = Path(sys.executable).parent / "qqproto"
+    assert script.exists(), "the venv's qqproto console script"
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(  # noqa: S603 - our own console script
+        [str(script), "run", "--fake", "--app", "mybot:setup", "--seconds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**CLEAN, "PYTHONPATH": str(root)},  # the tree under test; not the cwd
+        check=False,
+    )
+    assert proc.returncode == _cli.EXIT_OK, proc.stderr
+    assert (tmp_path / "setup-called").read_text() == "GatewayClient"
