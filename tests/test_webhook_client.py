@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TextIO
 
 import anyio
 import httpx
@@ -192,79 +191,20 @@ def test_transport_must_be_one_of_the_two():
 CLEAN = {k: v for k, v in os.environ.items() if not k.startswith("QQBOT_")}
 
 
-def test_run_fake_webhook_serves_the_ping_bot_end_to_end():
-    """`qqproto run --fake --webhook`: the fake validates the endpoint, a user's ping reaches
-    the bot as a signed callback, and its pong reaches the fake's REST side; the JSON log
-    has the same dispatch records as over the WebSocket."""
-    code = "import sys; from qqproto_io._cli import main; sys.exit(main(sys.argv[1:]))"
-    args = ["run", "--fake", "--webhook", "127.0.0.1:0", "--webhook-path", PATH]
-    args += ["--app", "ping_bot:setup", "--log-format", "json", "-v"]
-    proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-        [sys.executable, "-c", code, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # The tree under test first (the child runs from examples/, to find ping_bot).
-        env={**CLEAN, "PYTHONPATH": str(ROOT)},
-        cwd=ROOT / "examples",
-    )
-    assert proc.stdout is not None
-    lines: queue.Queue[str | None] = queue.Queue()
-    seen: list[str] = []
-
-    def read(stream: TextIO) -> None:
-        for line in stream:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=read, args=(proc.stdout,), daemon=True).start()
-
-    deadline = time.monotonic() + 3 * BOUND  # for the whole exchange, however chatty
-
-    def until(pattern: str) -> re.Match[str]:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                pytest.fail(f"{pattern!r} not printed in time:\n{''.join(seen)}")
-            line = lines.get(timeout=left)  # raises queue.Empty: the bound
-            if line is None:
-                pytest.fail(f"{pattern!r} never printed:\n{''.join(seen)}")
-            seen.append(line)
-            found = re.search(pattern, line)
-            if found:
-                return found
-
-    try:
-        fake = until(r"fake gateway listening on (http://127\.0\.0\.1:\d+)").group(1)
-        until(r"fake webhook: validation of http://127\.0\.0\.1:\d+/qqbot passed")
-        answer = httpx.post(f"{fake}/_fake/messages", json={"kind": "c2c", "content": "ping"})
-        assert answer.status_code == 200
-        until(r"POST /v2/users/FAKEUSEROPENID0001/messages -> 200")
-    finally:
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=BOUND)
-    assert proc.returncode == 0, err
-    while (line := lines.get(timeout=BOUND)) is not None:
-        seen.append(line)
-    records = [json.loads(line) for line in seen if line.startswith("{")]
-    dispatches = [r for r in records if r.get("event") == "dispatch"]
-    assert dispatches
-    assert all(r["state"] == "WEBHOOK" and r["seq"] is None for r in dispatches)
-    assert "Traceback" not in err
-
-
 class _Child:
-    """A `qqproto run` child process whose stdout lines are read on a thread."""
+    """A `qqproto run` child process whose stdout lines are read on a thread, so that every
+    wait on it is bounded."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, cwd: Path = ROOT) -> None:
         code = "import sys; from qqproto_io._cli import main; sys.exit(main(sys.argv[1:]))"
         self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-c", code, "run", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # The tree under test first (a child may run elsewhere, e.g. examples/).
             env={**CLEAN, "PYTHONPATH": str(ROOT)},
-            cwd=ROOT,
+            cwd=cwd,
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
@@ -290,9 +230,42 @@ class _Child:
         pytest.fail(f"{pattern!r} not printed in time:\n{''.join(self.seen)}")
 
     def stop(self) -> str:
+        """SIGINT, then its exit; returns its stderr. Every stdout line is in ``seen``."""
         self.proc.send_signal(signal.SIGINT)
-        _, err = self.proc.communicate(timeout=BOUND)
+        self.proc.wait(timeout=BOUND)
+        assert self.proc.stdout is not None
+        assert self.proc.stderr is not None
+        with self.proc.stderr:
+            err = self.proc.stderr.read()
+        while (line := self.lines.get(timeout=BOUND)) is not None:
+            self.seen.append(line)
+        self.proc.stdout.close()  # read to its end by then
         return err
+
+
+def test_run_fake_webhook_serves_the_ping_bot_end_to_end():
+    """`qqproto run --fake --webhook`: the fake validates the endpoint, a user's ping reaches
+    the bot as a signed callback, and its pong reaches the fake's REST side; the JSON log
+    has the same dispatch records as over the WebSocket."""
+    args = ["--fake", "--webhook", "127.0.0.1:0", "--webhook-path", PATH]
+    args += ["--app", "ping_bot:setup", "--log-format", "json", "-v"]
+    child = _Child(*args, cwd=ROOT / "examples")  # where ping_bot is found
+    deadline = time.monotonic() + 3 * BOUND  # for the whole exchange, however chatty
+    try:
+        fake = child.until(r"fake gateway listening on (http://127\.0\.0\.1:\d+)", deadline)
+        child.until(r"fake webhook: validation of http://127\.0\.0\.1:\d+/qqbot passed", deadline)
+        ping = {"kind": "c2c", "content": "ping"}
+        answer = httpx.post(f"{fake.group(1)}/_fake/messages", json=ping)
+        assert answer.status_code == 200
+        child.until(r"POST /v2/users/FAKEUSEROPENID0001/messages -> 200", deadline)
+    finally:
+        err = child.stop()
+    assert child.proc.returncode == 0, err
+    records = [json.loads(line) for line in child.seen if line.startswith("{")]
+    dispatches = [r for r in records if r.get("event") == "dispatch"]
+    assert dispatches
+    assert all(r["state"] == "WEBHOOK" and r["seq"] is None for r in dispatches)
+    assert "Traceback" not in err
 
 
 def test_two_processes_behind_one_url_deliver_a_retried_event_once(redis_server):
