@@ -64,6 +64,15 @@ DEFAULT_MAX_BODY_SIZE = 4 << 20
 """Largest response body read, in bytes (these endpoints answer a few hundred)."""
 
 _T = TypeVar("_T")
+# httpx errors raised before a byte of the request is written: even a send that must not be
+# repeated may be retried after one of these.
+_BEFORE_SENDING = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.ProxyError,
+    httpx.UnsupportedProtocol,
+)
 
 
 class HttpFailure(QQProtoError):
@@ -348,10 +357,9 @@ class RestApi:
                 return response.status_code, answer_headers, b"".join(chunks)
         except httpx.HTTPError as exc:
             # httpx messages name the URL and the error, never the body or headers; the
-            # type says enough. These fail before a byte of the request is written.
-            unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
-            unsent = unsent or isinstance(exc, httpx.ProxyError | httpx.UnsupportedProtocol)
-            raise HttpFailure(f"{what}: {type(exc).__name__}", sent=not unsent) from None
+            # type says enough.
+            sent = not isinstance(exc, _BEFORE_SENDING)
+            raise HttpFailure(f"{what}: {type(exc).__name__}", sent=sent) from None
 
 
 def _loads(content: bytes) -> JSONValue | _NotJSON:
