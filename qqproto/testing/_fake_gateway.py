@@ -753,32 +753,28 @@ class FakeGateway:
         fault = None
         if endpoint in ("message", "upload", "interaction") and self.rest_faults:
             fault = self.rest_faults.popleft()
-        if fault is not None and fault.status is not None:
-            reply = _faulted(fault.status, fault.retry_after)
-            parsed_body = _json_object(body)
-            if not isinstance(parsed_body, HttpReply):
-                sent = parsed_body  # recorded as sent, though never looked at
-        elif endpoint == "unknown":
+        if endpoint == "unknown":
             reply = _http_error(404)
         elif endpoint == "gateway":
             reply = self.gateway_request(authorization, now, bot=path == "/gateway/bot")
         else:
             parsed = _json_object(body)
-            if isinstance(parsed, HttpReply):
-                reply = parsed
-            elif endpoint == "token":
-                reply = self.token_request(parsed, now)  # its body is never recorded
-            elif endpoint == "message":
-                sent = parsed
-                reply = self.post_message(path, authorization, parsed, now)
-            elif endpoint == "interaction":
-                sent = parsed
-                reply = self.acknowledge_interaction(path, authorization, parsed, now)
-            else:
+            if isinstance(parsed, dict) and endpoint != "token":  # its body is never recorded
                 sent = dict(parsed)
                 data = sent.get("file_data")
                 if isinstance(data, str):
                     sent["file_data"] = f"<{len(data)} characters>"
+            if fault is not None and fault.status is not None:
+                reply = _faulted(fault.status, fault.retry_after)  # recorded, never looked at
+            elif isinstance(parsed, HttpReply):
+                reply = parsed
+            elif endpoint == "token":
+                reply = self.token_request(parsed, now)
+            elif endpoint == "message":
+                reply = self.post_message(path, authorization, parsed, now)
+            elif endpoint == "interaction":
+                reply = self.acknowledge_interaction(path, authorization, parsed, now)
+            else:
                 reply = self.upload_file(path, authorization, parsed, now)
         code = reply.body.get("code")
         message = endpoint == "message"
